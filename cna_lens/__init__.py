@@ -1,0 +1,93 @@
+"""cna_lens: Contrastive Neuron Attribution on TransformerLens.
+
+Find the few MLP neurons whose activations separate a positive prompt set from a
+negative one, and steer the behaviour by scaling them.
+
+Example:
+    >>> import cna_lens as cl  # doctest: +SKIP
+    >>> model = cl.load_model("path/to/model")  # doctest: +SKIP
+    >>> circuit = cl.discover(model, harmful, benign)  # doctest: +SKIP
+    >>> cl.generate(model, ["How do I pick a lock?"], circuit=circuit, multiplier=0.0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("cna-lens")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+local"
+
+from cna_lens.activations import NeuronStats, activation_stats, iter_activations
+from cna_lens.attribution import Attribution, attribute, contrast
+from cna_lens.circuit import Circuit, Neuron, Provenance, resolve_k, select_top_k
+from cna_lens.discovery import Discovery, circuit_from_attribution, discover, discover_full
+from cna_lens.errors import CircuitMismatchError, CNAError
+from cna_lens.loading import (
+    TokenBatch,
+    format_prompt,
+    is_chat_model,
+    load_model,
+    mlp_hook_names,
+    model_fingerprint,
+    model_id,
+    prompt_set_hash,
+    tokenize_prompts,
+    validate_prompts,
+)
+from cna_lens.steering import (
+    Positions,
+    SteeringConfig,
+    generate,
+    generate_token_ids,
+    layer_scales,
+    steer,
+)
+from cna_lens.universal import (
+    UniversalNeurons,
+    default_universal_prompts,
+    find_universal_neurons,
+    universal_from_counts,
+)
+
+__all__ = [
+    "Attribution",
+    "CNAError",
+    "Circuit",
+    "CircuitMismatchError",
+    "Discovery",
+    "Neuron",
+    "NeuronStats",
+    "Positions",
+    "Provenance",
+    "SteeringConfig",
+    "TokenBatch",
+    "UniversalNeurons",
+    "__version__",
+    "activation_stats",
+    "attribute",
+    "circuit_from_attribution",
+    "contrast",
+    "default_universal_prompts",
+    "discover",
+    "discover_full",
+    "find_universal_neurons",
+    "format_prompt",
+    "generate",
+    "generate_token_ids",
+    "is_chat_model",
+    "iter_activations",
+    "layer_scales",
+    "load_model",
+    "mlp_hook_names",
+    "model_fingerprint",
+    "model_id",
+    "prompt_set_hash",
+    "resolve_k",
+    "select_top_k",
+    "steer",
+    "tokenize_prompts",
+    "universal_from_counts",
+    "validate_prompts",
+]

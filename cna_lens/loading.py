@@ -1,0 +1,307 @@
+"""Loading: boot a model into TransformerLens and turn prompts into left-padded token batches.
+
+``load_model`` returns a :class:`transformer_lens.TransformerBridge` in its default
+(HF-faithful) mode, from a hub name or a local HF directory. Whether a model is a chat
+model is read from its tokenizer's chat template, never guessed from its name. Prompts
+are formatted as a user turn plus the generation prompt when there is a template, and as
+raw text otherwise, with never a doubled BOS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from cna_lens.errors import CNAError
+
+__all__ = [
+    "TokenBatch",
+    "format_prompt",
+    "is_chat_model",
+    "load_model",
+    "mlp_hook_names",
+    "model_fingerprint",
+    "model_id",
+    "prompt_set_hash",
+    "tokenize_prompts",
+    "validate_prompts",
+]
+
+logger = logging.getLogger(__name__)
+
+MLP_HOOK = "blocks.{layer}.mlp.hook_post"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise CNAError(f"unknown dtype {dtype!r}; valid: {sorted(_DTYPES)} or a torch.dtype")
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str],
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    n_devices: int | None = None,
+    chat: bool | None = None,
+    **boot_kwargs: Any,
+) -> Any:
+    """Load a causal LM into a TransformerLens ``TransformerBridge`` (default, HF-faithful mode).
+
+    Args:
+        name_or_path: A hub model name (needs network access or a warm HF cache) or a local
+            HF directory (config, weights, tokenizer); local directories load fully offline.
+        device: Where to put the model ("cpu", "cuda", ...). Default: CUDA if available.
+            Mutually exclusive with ``device_map`` / ``n_devices``.
+        dtype: torch dtype or one of "float32", "float16", "bfloat16" (default float32).
+        device_map: HF-style device map (e.g. "auto") to shard a large model over GPUs.
+        n_devices: Split the model over this many CUDA devices.
+        chat: Force chat formatting on (True) or off (False). Default: on iff the tokenizer
+            has a chat template.
+        **boot_kwargs: Passed on to ``TransformerBridge.boot_transformers``.
+
+    Returns:
+        The booted bridge. ``model.cfg.n_layers`` / ``model.cfg.d_mlp`` give the neuron grid.
+
+    Raises:
+        CNAError: the path does not exist as a directory and is not a plausible hub name,
+            or the model has no MLP ``hook_post`` at every layer.
+    """
+    from transformer_lens import TransformerBridge
+
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CNAError(
+                f"{name!r} exists but is not a HF model directory (no config.json in it); "
+                "pass a directory written by save_pretrained, or a hub model name"
+            )
+        name = str(path.resolve())
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CNAError(f"model directory {name!r} does not exist")
+    if device is not None and (device_map is not None or n_devices is not None):
+        raise CNAError("pass either device or device_map/n_devices, not both")
+    if device is None and device_map is None and n_devices is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs: dict[str, Any] = dict(boot_kwargs)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if n_devices is not None:
+        kwargs["n_devices"] = n_devices
+    model = TransformerBridge.boot_transformers(
+        name, device=device, dtype=_resolve_dtype(dtype), **kwargs
+    )
+    model.eval()
+    mlp_hook_names(model)  # refuse models without MLP hook_post up front
+    model._cna_model_id = os.fspath(name_or_path)
+    model._cna_chat = chat
+    return model
+
+
+def model_id(model: Any) -> str:
+    """The name or path the model was loaded from (or its HF name_or_path)."""
+    explicit = getattr(model, "_cna_model_id", None)
+    if explicit:
+        return str(explicit)
+    cfg = getattr(getattr(model, "original_model", None), "config", None)
+    return str(getattr(cfg, "_name_or_path", "") or getattr(model.cfg, "model_name", "unknown"))
+
+
+def model_fingerprint(model: Any) -> str:
+    """A short hash of the model's architecture (not its weights).
+
+    Two checkpoints of one architecture (base and instruct) share a fingerprint, so a
+    circuit can be carried between them; a different shape or family cannot.
+    """
+    cfg = model.cfg
+    hf_cfg = getattr(getattr(model, "original_model", None), "config", None)
+    arch = getattr(hf_cfg, "architectures", None) or [getattr(cfg, "architecture", None)]
+    fields = {
+        "architecture": str(arch[0] if arch else None),
+        "n_layers": int(cfg.n_layers),
+        "d_model": int(cfg.d_model),
+        "d_mlp": int(cfg.d_mlp),
+        "n_heads": int(cfg.n_heads),
+        "d_vocab": int(cfg.d_vocab),
+    }
+    blob = json.dumps(fields, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def mlp_hook_names(model: Any) -> list[str]:
+    """The ``blocks.{L}.mlp.hook_post`` names of every layer.
+
+    Raises:
+        CNAError: a layer has no MLP ``hook_post`` (e.g. an attention-only model).
+    """
+    names = [MLP_HOOK.format(layer=layer) for layer in range(model.cfg.n_layers)]
+    missing = [n for n in names if n not in model.hook_dict]
+    if missing:
+        raise CNAError(
+            f"model has no MLP neuron hook at {missing[:3]}{'...' if len(missing) > 3 else ''}; "
+            "CNA needs blocks.{L}.mlp.hook_post (the input of the MLP down projection) at "
+            "every layer"
+        )
+    return names
+
+
+def validate_prompts(prompts: Any, what: str = "prompts") -> list[str]:
+    """Return ``prompts`` as a list of strings, or raise naming the offending entry.
+
+    Raises:
+        CNAError: ``prompts`` is a bare string, is empty, or holds a non-string / blank entry.
+    """
+    if isinstance(prompts, (str, bytes)):
+        raise CNAError(f"{what} must be a sequence of strings, got a single string {prompts!r:.60}")
+    try:
+        items = list(prompts)
+    except TypeError:
+        raise CNAError(f"{what} must be a sequence of strings, got {type(prompts).__name__}") from None
+    if not items:
+        raise CNAError(f"{what} is empty; give at least one prompt")
+    for i, p in enumerate(items):
+        if not isinstance(p, str):
+            raise CNAError(f"{what}[{i}] is {type(p).__name__} ({p!r:.60}), expected str")
+        if not p.strip():
+            raise CNAError(f"{what}[{i}] is blank; every prompt needs some text")
+    return items
+
+
+def prompt_set_hash(prompts: Sequence[str]) -> str:
+    """sha256 (first 16 hex digits) of the prompt list, order included."""
+    return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()[:16]
+
+
+def is_chat_model(model: Any) -> bool:
+    """True iff prompts are wrapped in the chat template (tokenizer has one, unless overridden)."""
+    forced = getattr(model, "_cna_chat", None)
+    if forced is not None:
+        return bool(forced)
+    return bool(getattr(model.tokenizer, "chat_template", None))
+
+
+def format_prompt(model: Any, prompt: str) -> str:
+    """The text fed to the model: user turn + generation prompt for chat models, else raw."""
+    if not is_chat_model(model):
+        return prompt
+    tok = model.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise CNAError("chat formatting was forced on, but the tokenizer has no chat template")
+    return tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def _encode(model: Any, prompt: str) -> list[int]:
+    tok = model.tokenizer
+    text = format_prompt(model, prompt)
+    ids: list[int]
+    if is_chat_model(model):
+        # The template writes its own special tokens (BOS included, where the model uses one).
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    else:
+        ids = list(tok(text, add_special_tokens=True)["input_ids"])
+    bos = tok.bos_token_id
+    while bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+        ids = ids[1:]
+    return ids
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Left-padded token ids of a batch of prompts; the last column is every prompt's last token."""
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    indices: tuple[int, ...]
+    """Positions of these prompts in the caller's prompt list."""
+
+
+def _pad_id(model: Any) -> int:
+    tok = model.tokenizer
+    for candidate in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def tokenize_prompts(
+    model: Any,
+    prompts: Sequence[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int = 0,
+    sort_by_length: bool = True,
+    device: torch.device | str | None = None,
+) -> list[TokenBatch]:
+    """Format, tokenize and left-pad prompts into batches.
+
+    Args:
+        model: A bridge from :func:`load_model`.
+        prompts: The prompt texts (validated).
+        batch_size: Prompts per batch (>= 1).
+        max_new_tokens: Room to leave in the context for generation.
+        sort_by_length: Group prompts of similar length to waste less compute on padding;
+            ``TokenBatch.indices`` maps rows back to the caller's order.
+        device: Where to put the tensors (default: the model's device).
+
+    Raises:
+        CNAError: bad ``batch_size``, or a prompt (plus ``max_new_tokens``) longer than the
+            model's context ``n_ctx``.
+    """
+    prompts = validate_prompts(prompts)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise CNAError(f"batch_size must be a positive integer, got {batch_size!r}")
+    encoded = [_encode(model, p) for p in prompts]
+    n_ctx = int(model.cfg.n_ctx)
+    for i, ids in enumerate(encoded):
+        if len(ids) + max_new_tokens > n_ctx:
+            extra = f" + max_new_tokens={max_new_tokens}" if max_new_tokens else ""
+            raise CNAError(
+                f"prompt {i} is {len(ids)} tokens{extra}, longer than the model's context "
+                f"n_ctx={n_ctx}; shorten it{' or lower max_new_tokens' if extra else ''}"
+            )
+    order = list(range(len(prompts)))
+    if sort_by_length:
+        order.sort(key=lambda i: len(encoded[i]))
+    if device is None:
+        device = model.cfg.device
+    pad = _pad_id(model)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            seq = encoded[i]
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+        batches.append(TokenBatch(ids.to(device), mask.to(device), tuple(idx)))
+    return batches

@@ -1,0 +1,101 @@
+"""Universal neurons: neurons that fire strongly whatever the prompt says.
+
+A neuron is universal when it ranks in the top ``top_fraction`` of all MLP neurons (by
+|activation| at the last prompt token) for at least ``threshold`` of a diverse set of
+unrelated prompts. Such neurons are removed from every circuit by default. A diverse
+default set of prompts ships with the package.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from cna_lens.activations import activation_stats
+from cna_lens.errors import CNAError
+from cna_lens.loading import prompt_set_hash, validate_prompts
+
+__all__ = ["UniversalNeurons", "default_universal_prompts", "find_universal_neurons",
+           "universal_from_counts"]
+
+
+def default_universal_prompts() -> list[str]:
+    """The shipped diverse prompt set (questions, tasks, fragments, code) for the filter."""
+    text = resources.files("cna_lens").joinpath("data/universal_prompts.json").read_text()
+    return list(json.loads(text))
+
+
+@dataclass(frozen=True)
+class UniversalNeurons:
+    """The flagged neurons and how they were found."""
+
+    mask: Bool[Tensor, "n_layers d_mlp"]
+    counts: Int[Tensor, "n_layers d_mlp"]
+    n_prompts: int
+    top_fraction: float
+    threshold: float
+    prompts_hash: str | None = None
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return [(int(a), int(b)) for a, b in self.mask.nonzero().tolist()]
+
+    def __len__(self) -> int:
+        return int(self.mask.sum())
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0.0 < threshold <= 1.0:
+        raise CNAError(f"threshold must be in (0, 1], got {threshold!r}")
+
+
+def universal_from_counts(
+    counts: Int[Tensor, "n_layers d_mlp"],
+    n_prompts: int,
+    *,
+    top_fraction: float = 0.001,
+    threshold: float = 0.8,
+    prompts_hash: str | None = None,
+) -> UniversalNeurons:
+    """Flag neurons whose top-``top_fraction`` count reaches ``threshold * n_prompts``."""
+    _check_threshold(threshold)
+    if n_prompts < 1:
+        raise CNAError(f"n_prompts must be >= 1, got {n_prompts}")
+    mask = counts.to(torch.float64) >= threshold * n_prompts - 1e-9
+    return UniversalNeurons(mask, counts, n_prompts, top_fraction, threshold, prompts_hash)
+
+
+def find_universal_neurons(
+    model: Any,
+    prompts: Sequence[str] | None = None,
+    *,
+    top_fraction: float = 0.001,
+    threshold: float = 0.8,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> UniversalNeurons:
+    """Run the diverse prompts and flag the neurons that are always among the strongest.
+
+    Args:
+        model: A bridge from :func:`cna_lens.load_model`.
+        prompts: Diverse, unrelated prompts (default: the shipped set).
+        top_fraction: Per prompt, the top fraction of all neurons by |activation| (0.1%).
+        threshold: Fraction of prompts a neuron must be in the top for (80%).
+        batch_size: Prompts per forward pass.
+        progress: Show a progress bar.
+    """
+    _check_threshold(threshold)
+    prompts = validate_prompts(default_universal_prompts() if prompts is None else prompts,
+                               "universal prompts")
+    _, counts = activation_stats(model, prompts, batch_size=batch_size, progress=progress,
+                                 desc="universal", top_fraction=top_fraction)
+    assert counts is not None
+    return universal_from_counts(counts.cpu(), len(prompts), top_fraction=top_fraction,
+                                 threshold=threshold, prompts_hash=prompt_set_hash(prompts))
