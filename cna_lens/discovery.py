@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cna_lens.attribution import Attribution, attribute
-from cna_lens.circuit import Circuit, Provenance, select_top_k
+from cna_lens.circuit import Circuit, Provenance, resolve_k, select_top_k
 from cna_lens.loading import (
     MLP_HOOK,
     model_fingerprint,
@@ -80,6 +80,9 @@ def discover_full(
     """Like :func:`discover`, but also return the statistics and the universal neurons."""
     positive = validate_prompts(positive, "positive prompts")
     negative = validate_prompts(negative, "negative prompts")
+    n_total = int(model.cfg.n_layers) * int(model.cfg.d_mlp)
+    # Fail on a bad size before any forward pass (re-checked after filtering).
+    resolve_k(n_total, n_total, fraction=None if top_k is not None else fraction, top_k=top_k)
     attribution = attribute(model, positive, negative, batch_size=batch_size, progress=progress)
     universal = None
     if universal_filter:

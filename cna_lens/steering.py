@@ -69,7 +69,7 @@ class SteeringConfig:
         return self.multiplier == 1.0 and neg == 1.0
 
 
-def layer_scales(circuit: Circuit, config: SteeringConfig) -> dict[int, Float[Tensor, "d_mlp"]]:
+def layer_scales(circuit: Circuit, config: SteeringConfig) -> dict[int, Float[Tensor, " d_mlp"]]:
     """Per steered layer, a float32 vector of ones with the circuit neurons' multipliers."""
     neg = config.multiplier if config.negative_multiplier is None else config.negative_multiplier
     scales: dict[int, Tensor] = {}

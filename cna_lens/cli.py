@@ -1,0 +1,216 @@
+"""The ``cna-lens`` command line: discover, generate, info (and the organism and reproduce jobs).
+
+The CLI owns the terminal: progress bars are on, results are printed as tables, and a
+:class:`~cna_lens.errors.CNAError` becomes a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cna_lens.errors import CNAError
+
+__all__ = ["main", "read_prompts"]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: one per line (.txt, blank lines skipped) or a JSON list of strings.
+
+    Raises:
+        CNAError: missing file, invalid JSON, or not a list of non-empty strings.
+    """
+    from cna_lens.loading import validate_prompts
+
+    p = Path(path)
+    if not p.is_file():
+        raise CNAError(f"prompt file {str(p)!r} does not exist")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CNAError(f"{p}: not valid JSON ({exc}); expected a list of strings") from exc
+        if not isinstance(data, list):
+            raise CNAError(f"{p}: expected a JSON list of strings, got {type(data).__name__}")
+        return validate_prompts(data, str(p))
+    return validate_prompts([line for line in text.splitlines() if line.strip()], str(p))
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer indices like 0,1, got {text!r}") from None
+
+
+def _model_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required,
+                   help="hub name or local HF directory (or 'organism:instruct' / 'organism:base')")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from cna_lens.loading import load_model
+
+    name = args.model
+    if name.startswith("organism:"):
+        from cna_lens import organism
+
+        name = str(organism.path(name.split(":", 1)[1]))
+    return load_model(name, device=args.device, dtype=args.dtype)
+
+
+def _cmd_discover(args: argparse.Namespace) -> int:
+    from cna_lens.discovery import discover
+
+    positive = read_prompts(args.positive)
+    negative = read_prompts(args.negative)
+    universal = read_prompts(args.universal_prompts) if args.universal_prompts else None
+    model = _load(args)
+    circuit = discover(
+        model, positive, negative,
+        fraction=None if args.top_k is not None else args.fraction,
+        top_k=args.top_k, exclude_layers=args.exclude_layers,
+        universal_filter=not args.no_universal_filter, universal_prompts=universal,
+        batch_size=args.batch_size, progress=True,
+    )
+    circuit.save(args.out)
+    counts = circuit.per_layer_counts()
+    print(f"circuit: {len(circuit)} neurons of {circuit.n_layers * circuit.d_mlp} "
+          f"({circuit.provenance.universal_removed} universal neurons filtered) -> {args.out}")
+    print("per layer: " + " ".join(f"L{i}:{c}" for i, c in enumerate(counts) if c))
+    print(f"{'rank':>4}  {'neuron':<10} {'delta':>10}")
+    for rank, n in enumerate(circuit.neurons[: args.show], 1):
+        print(f"{rank:>4}  {n.label:<10} {n.delta:>10.4f}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from cna_lens.circuit import Circuit
+    from cna_lens.steering import generate
+
+    prompts = read_prompts(args.prompts)
+    circuit = Circuit.load(args.circuit) if args.circuit else None
+    if circuit is None and args.multiplier != 1.0:
+        raise CNAError("--multiplier needs --circuit (which neurons to scale)")
+    model = _load(args)
+    texts = generate(
+        model, prompts, circuit=circuit, multiplier=args.multiplier,
+        negative_multiplier=args.negative_multiplier, positions=args.positions,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True,
+    )
+    rows = [{"prompt": p, "output": t, "multiplier": args.multiplier if circuit else None,
+             "circuit": args.circuit} for p, t in zip(prompts, texts, strict=True)]
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    for r in rows:
+        print(f"> {r['prompt']}\n  {r['output']}")
+    if args.out:
+        print(f"wrote {len(rows)} generations -> {args.out}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from cna_lens.loading import is_chat_model, model_fingerprint, model_id
+
+    model = _load(args)
+    cfg = model.cfg
+    n = int(cfg.n_layers) * int(cfg.d_mlp)
+    rows = [
+        ("model", model_id(model)),
+        ("architecture", getattr(cfg, "architecture", None)),
+        ("n_layers", cfg.n_layers), ("d_model", cfg.d_model), ("d_mlp", cfg.d_mlp),
+        ("MLP neurons", n), ("0.1% circuit size", max(1, round(0.001 * n))),
+        ("n_ctx", cfg.n_ctx), ("chat template", is_chat_model(model)),
+        ("dtype", str(cfg.dtype)), ("device", str(cfg.device)),
+        ("fingerprint", model_fingerprint(model)),
+        ("neuron hook", "blocks.{L}.mlp.hook_post"),
+    ]
+    for key, value in rows:
+        print(f"{key:<18} {value}")
+    return 0
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., int]]]:
+    parser = argparse.ArgumentParser(
+        prog="cna-lens", description="Contrastive Neuron Attribution on TransformerLens.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    handlers: dict[str, Callable[..., int]] = {}
+
+    p = sub.add_parser("discover", help="find the circuit separating two prompt sets")
+    _model_arg(p)
+    p.add_argument("--positive", required=True, help="prompt file (.txt lines or .json list)")
+    p.add_argument("--negative", required=True, help="prompt file (.txt lines or .json list)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--fraction", type=float, default=0.001,
+                      help="circuit size as a fraction of all MLP neurons (default 0.001)")
+    size.add_argument("--top-k", type=int, default=None, help="circuit size as a count")
+    p.add_argument("--exclude-layers", type=_layers, default=[], help="e.g. 0,1")
+    p.add_argument("--no-universal-filter", action="store_true",
+                   help="keep universal neurons in the circuit")
+    p.add_argument("--universal-prompts", default=None,
+                   help="diverse prompts for the universal filter (default: shipped set)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--show", type=int, default=20, help="rows of the circuit table to print")
+    p.add_argument("--out", required=True, help="circuit JSON to write")
+    handlers["discover"] = _cmd_discover
+
+    p = sub.add_parser("generate", help="generate, optionally with a circuit scaled")
+    _model_arg(p)
+    p.add_argument("--prompts", required=True, help="prompt file (.txt lines or .json list)")
+    p.add_argument("--circuit", default=None, help="circuit JSON from 'discover'")
+    p.add_argument("--multiplier", type=float, default=1.0,
+                   help="0 ablates, 1 unchanged, >1 amplifies (default 1)")
+    p.add_argument("--negative-multiplier", type=float, default=None,
+                   help="separate multiplier for negative-delta neurons")
+    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"])
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default=None, help="write results as JSON lines")
+    handlers["generate"] = _cmd_generate
+
+    p = sub.add_parser("info", help="describe a model's neuron grid and formatting")
+    _model_arg(p)
+    handlers["info"] = _cmd_info
+
+    _add_optional_commands(sub, handlers)
+    return parser, handlers
+
+
+def _add_optional_commands(sub: Any, handlers: dict[str, Callable[..., int]]) -> None:
+    """Commands of the organism and reproduction stages (registered by those modules)."""
+    for module_name in ("cna_lens.organism.cli", "cna_lens.reproduce"):
+        try:
+            module = __import__(module_name, fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue
+            raise
+        module.register(sub, handlers)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, handlers = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return handlers[args.command](args)
+    except CNAError as exc:
+        print(f"cna-lens {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
