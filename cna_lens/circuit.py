@@ -84,6 +84,9 @@ class Provenance:
         unknown = sorted(set(d) - known)
         if unknown:
             raise CNAError(f"unknown provenance keys {unknown}; valid: {sorted(known)}")
+        d = dict(d)
+        if "exclude_layers" in d:
+            d["exclude_layers"] = tuple(d["exclude_layers"])
         return cls(**d)
 
 
