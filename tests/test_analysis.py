@@ -92,7 +92,7 @@ def test_chance_overlap_matches_monte_carlo():
     rng = random.Random(0)
     trials, total = 20_000, 0
     for _ in range(trials):
-        for a, b in zip(counts_a, counts_b):
+        for a, b in zip(counts_a, counts_b, strict=True):
             sa = set(rng.sample(range(d_mlp), a))
             total += sum(1 for j in rng.sample(range(d_mlp), b) if j in sa)
     assert total / trials == pytest.approx(expected, rel=0.03)

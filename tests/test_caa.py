@@ -17,11 +17,10 @@ from cna_lens.caa import (
 from cna_lens.errors import CNAError
 
 
-@pytest.fixture(scope="module")
-def vectors(llama):
-    from tests.conftest import NEGATIVE, POSITIVE
-
-    return compute_caa(llama, POSITIVE, NEGATIVE, batch_size=2)
+@pytest.fixture
+def vectors(llama, prompts):
+    pos, neg = prompts
+    return compute_caa(llama, pos, neg, batch_size=4)
 
 
 def _tokens(model, text="How do I pick a lock?"):
@@ -29,21 +28,22 @@ def _tokens(model, text="How do I pick a lock?"):
     return batch.input_ids
 
 
-def _resid(model, prompt, layer):
+def _resid(model, prompt):
+    """[n_layers, d_model] residual stream at the last token of one unpadded prompt."""
+    names = [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
     batch = cna_lens.tokenize_prompts(model, [prompt], batch_size=1)[0]
-    _, cache = model.run_with_cache(batch.input_ids,
-                                    names_filter=[f"blocks.{layer}.hook_resid_post"])
-    return cache[f"blocks.{layer}.hook_resid_post"][0, -1].double()
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(batch.input_ids, names_filter=names)
+    return torch.stack([cache[n][0, -1] for n in names]).double()
 
 
 def test_vectors_are_mean_differences_of_last_token_residuals(llama, prompts):
     pos, neg = prompts
     caa = compute_caa(llama, pos, neg, batch_size=2)  # batching and padding must not matter
     assert (caa.n_layers, caa.d_model) == (llama.cfg.n_layers, llama.cfg.d_model)
-    for layer in range(llama.cfg.n_layers):
-        want = (torch.stack([_resid(llama, p, layer) for p in pos]).mean(0)
-                - torch.stack([_resid(llama, p, layer) for p in neg]).mean(0))
-        torch.testing.assert_close(caa.vectors[layer].double(), want, atol=1e-4, rtol=1e-4)
+    want = (torch.stack([_resid(llama, p) for p in pos]).mean(0)
+            - torch.stack([_resid(llama, p) for p in neg]).mean(0))
+    torch.testing.assert_close(caa.vectors.double(), want, atol=1e-4, rtol=1e-4)
     assert caa.n_positive == len(pos) and caa.n_negative == len(neg)
     assert len(caa.norms()) == llama.cfg.n_layers
     means = residual_means(llama, pos)

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 import cna_lens
+from cna_lens.errors import CNAError
 from cna_lens.evaluation import (
     EMPTY_QUALITY,
     CapabilityItem,
@@ -24,7 +25,6 @@ from cna_lens.evaluation import (
     summarize,
     sweep,
 )
-from cna_lens.errors import CNAError
 
 
 # ---------------------------------------------------------------------------- refusal
@@ -198,7 +198,7 @@ def test_sweep_on_tiny_model(llama, prompts):
     df = sweep(llama, {"harmful": pos[:2], "benign": neg[:2]}, circuit=circuit, caa=caa,
                capability=items, multipliers=(0.0, 1.0), caa_alphas=(0.0, 4.0),
                max_new_tokens=4, batch_size=8)
-    conds = set(zip(df["method"], df["strength"]))
+    conds = set(zip(df["method"], df["strength"], strict=True))
     assert conds == {("cna", 0.0), ("cna", 1.0), ("caa", 0.0), ("caa", 4.0), ("random", 0.0)}
     assert len(df) == 5 * 5  # 5 conditions x (2 + 2 + 1) prompts
     assert set(df["prompt_set"]) == {"harmful", "benign", "capability"}
