@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import NEGATIVE, POSITIVE
 
 from cna_lens.baking import bake, bake_, down_projection, export_steered, steered_hf_model
 from cna_lens.circuit import Circuit, Neuron, Provenance
@@ -15,8 +16,6 @@ from cna_lens.errors import CircuitMismatchError, CNAError
 from cna_lens.loading import tokenize_prompts
 from cna_lens.steering import generate_token_ids, steer
 from cna_lens.testing import ARCHITECTURES
-
-from conftest import NEGATIVE, POSITIVE
 
 TOL = 1e-5
 
@@ -44,6 +43,14 @@ def _max_diff(a, b, batch) -> float:
     """Largest |a - b| over real (non-padding) positions; padded positions are meaningless."""
     real = batch.attention_mask.bool()
     return float((a.float()[real] - b.float()[real]).abs().max())
+
+
+def _hf_logits(hf, batch):
+    """Plain HF forward; position ids from the mask, as HF generate does with left padding."""
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.inference_mode():
+        return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                  position_ids=pos).logits
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
@@ -146,12 +153,12 @@ def test_bad_inputs_raise_and_leave_weights(llama):
 
 def test_baked_generation_equals_hook_steered_generation(llama):
     circuit = _circuit(llama, n=24)
-    prompts = POSITIVE + NEGATIVE
-    hooked = generate_token_ids(llama, prompts, circuit=circuit, multiplier=0.0,
-                                max_new_tokens=8, batch_size=4)
-    plain = generate_token_ids(llama, prompts, max_new_tokens=8, batch_size=4)
+    prompts = POSITIVE[:2] + NEGATIVE[:2]
+    kw = dict(max_new_tokens=6, batch_size=4)
+    hooked = generate_token_ids(llama, prompts, circuit=circuit, multiplier=0.0, **kw)
+    plain = generate_token_ids(llama, prompts, **kw)
     with bake(llama, circuit, 0.0):
-        baked = generate_token_ids(llama, prompts, max_new_tokens=8, batch_size=4)
+        baked = generate_token_ids(llama, prompts, **kw)
     assert baked == hooked
     assert plain != hooked
 
@@ -172,8 +179,7 @@ def test_export_reloads_with_plain_transformers(load, arch, tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json", "cna_steering.json"} <= files
     assert json.loads((out / "cna_steering.json").read_text())["negative_multiplier"] == 2.0
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
-    with torch.inference_mode():
-        logits = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logits = _hf_logits(hf, batch)
     assert _max_diff(logits, hooked, batch) <= TOL
 
 
@@ -184,8 +190,7 @@ def test_export_from_directory_matches_bridge(model_dirs, load, tmp_path):
     with steer(model, circuit, 4.0):
         hooked = _logits(model, batch)
     hf = steered_hf_model(model_dirs["qwen2"], circuit, 4.0)
-    with torch.inference_mode():
-        logits = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logits = _hf_logits(hf, batch)
     assert _max_diff(logits, hooked, batch) <= TOL
 
 
@@ -203,8 +208,9 @@ def test_export_loads_in_a_process_without_cna_lens(llama, tmp_path):
         "m = AutoModelForCausalLM.from_pretrained(d).eval()\n"
         "AutoTokenizer.from_pretrained(d)\n"
         f"x = torch.load({str(tmp_path / 'in.pt')!r})\n"
+        "pos = (x['mask'].cumsum(-1) - 1).clamp_min(0)\n"
         "with torch.inference_mode():\n"
-        "    y = m(input_ids=x['ids'], attention_mask=x['mask']).logits\n"
+        "    y = m(input_ids=x['ids'], attention_mask=x['mask'], position_ids=pos).logits\n"
         f"torch.save(y, {str(tmp_path / 'out.pt')!r})\n"
         "assert not any(k.startswith('cna_lens') for k in sys.modules)\n"
     )
