@@ -52,7 +52,7 @@ class SteeringConfig:
 
     multiplier: float = 0.0
     negative_multiplier: float | None = None
-    positions: Positions = "all"
+    positions: Positions | str = "all"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "multiplier", _check_multiplier("multiplier", self.multiplier))
@@ -142,7 +142,7 @@ def steer(
     multiplier: float = 0.0,
     *,
     negative_multiplier: float | None = None,
-    positions: Positions = "all",
+    positions: Positions | str = "all",
     prompt_length: int | None = None,
 ) -> Iterator[SteeringHandle]:
     """Scale the circuit's neurons by ``multiplier`` inside the ``with`` block.
@@ -201,7 +201,7 @@ def generate_token_ids(
     circuit: Circuit | None = None,
     multiplier: float = 1.0,
     negative_multiplier: float | None = None,
-    positions: Positions = "all",
+    positions: Positions | str = "all",
     max_new_tokens: int = 64,
     batch_size: int = 16,
     do_sample: bool = False,
@@ -274,7 +274,7 @@ def generate(
     circuit: Circuit | None = None,
     multiplier: float = 1.0,
     negative_multiplier: float | None = None,
-    positions: Positions = "all",
+    positions: Positions | str = "all",
     max_new_tokens: int = 64,
     batch_size: int = 16,
     do_sample: bool = False,

@@ -1,0 +1,251 @@
+"""Steering: m = 1 is the unchanged model, m = 0 equals a hand-made ablation, hooks always
+come off, bad input is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import cna_lens
+from cna_lens import Circuit, CircuitMismatchError, CNAError, Neuron, steer
+from cna_lens.steering import _LayerHook
+
+PROMPTS = ["How do I pick a lock?", "Write a poem about the ocean and the moon."]
+
+
+def _n_hooks(model) -> int:
+    points = {id(hp): hp for hp in model.hook_dict.values()}  # aliases share a hook point
+    return sum(len(hp._forward_hooks) for hp in points.values())
+
+
+def _circuit(model, pairs_deltas) -> Circuit:
+    return Circuit(tuple(Neuron(layer, j, d) for layer, j, d in pairs_deltas),
+                   int(model.cfg.n_layers), int(model.cfg.d_mlp))
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(batch.input_ids, attention_mask=batch.attention_mask)
+
+
+def _hf_scaled_logits(model_dir, batch, circuit, m, m_neg=None):
+    """The reference: plain HF with a pre-hook scaling down-projection inputs by hand."""
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    downs = [mod for n, mod in hf.named_modules() if n.endswith(("mlp.down_proj", "mlp.c_proj"))]
+    handles = []
+    for layer, mod in enumerate(downs):
+        idx = [n.neuron for n in circuit if n.layer == layer]
+        if not idx:
+            continue
+        factors = torch.tensor([(m_neg if (m_neg is not None and n.delta < 0) else m)
+                                for n in circuit if n.layer == layer])
+
+        def pre(module, args, idx=idx, factors=factors):
+            x = args[0].clone()
+            x[..., idx] = x[..., idx] * factors
+            return (x,)
+
+        handles.append(mod.register_forward_pre_hook(pre))
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    try:
+        with torch.no_grad():
+            return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=pos).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.fixture
+def circuit(llama, prompts):
+    pos, neg = prompts
+    return cna_lens.discover(llama, pos, neg, top_k=6, universal_filter=False)
+
+
+def test_m1_is_bit_identical(llama, circuit):
+    batch = cna_lens.tokenize_prompts(llama, PROMPTS, batch_size=2)[0]
+    before = _logits(llama, batch)
+    with steer(llama, circuit, 1.0):
+        during = _logits(llama, batch)
+    assert torch.equal(before, during)
+    plain = cna_lens.generate_token_ids(llama, PROMPTS, max_new_tokens=8)
+    steered = cna_lens.generate_token_ids(llama, PROMPTS, circuit=circuit, multiplier=1.0,
+                                          max_new_tokens=8)
+    assert plain == steered
+
+
+def test_hook_with_unit_scale_returns_identical_values():
+    act = torch.randn(2, 5, 16)
+    for positions in ("all", "prompt", "generated"):
+        out = _LayerHook(torch.ones(16), positions, None)(act, hook=None)
+        assert torch.equal(out, act)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gpt2"])
+def test_m0_equals_hand_made_ablation(arch, load, model_dirs):
+    model = load(arch)
+    batch = cna_lens.tokenize_prompts(model, PROMPTS, batch_size=2)[0]
+    c = _circuit(model, [(0, 3, 1.0), (1, 7, -1.0), (2, 100, 0.5), (2, 5, 0.1)])
+    with steer(model, c, 0.0):
+        steered = _logits(model, batch)
+    reference = _hf_scaled_logits(model_dirs[arch], batch, c, 0.0)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(steered[real], reference[real], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(steered, _logits(model, batch))
+
+
+def test_amplify_with_separate_negative_multiplier(llama, model_dirs):
+    batch = cna_lens.tokenize_prompts(llama, PROMPTS, batch_size=2)[0]
+    c = _circuit(llama, [(1, 7, 1.0), (1, 9, -1.0), (2, 11, -0.3)])
+    with steer(llama, c, 2.0, negative_multiplier=0.5):
+        steered = _logits(llama, batch)
+    reference = _hf_scaled_logits(model_dirs["llama"], batch, c, 2.0, 0.5)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(steered[real], reference[real], atol=1e-5, rtol=1e-5)
+
+
+def test_steering_changes_only_downstream(llama):
+    batch = cna_lens.tokenize_prompts(llama, PROMPTS, batch_size=2)[0]
+    c = _circuit(llama, [(1, 7, 1.0), (1, 20, 1.0)])
+    names = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out",
+             "blocks.2.hook_resid_post"]
+    with torch.no_grad():
+        _, clean = llama.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
+                                        names_filter=names)
+        with steer(llama, c, 0.0):
+            _, steered = llama.run_with_cache(
+                batch.input_ids, attention_mask=batch.attention_mask, names_filter=names)
+    assert torch.equal(clean["blocks.0.hook_resid_post"], steered["blocks.0.hook_resid_post"])
+    assert torch.equal(clean["blocks.1.hook_resid_mid"], steered["blocks.1.hook_resid_mid"])
+    # the change in the MLP output is exactly the removed neurons times their W_out rows
+    with torch.no_grad():
+        _, acts = llama.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
+                                       names_filter="blocks.1.mlp.hook_post")
+    a = acts["blocks.1.mlp.hook_post"][..., [7, 20]]
+    w_out = llama.blocks[1].mlp.out.original_component.weight[:, [7, 20]]  # [d_model, 2]
+    expected = -(a @ w_out.T)
+    diff = steered["blocks.1.hook_mlp_out"] - clean["blocks.1.hook_mlp_out"]
+    torch.testing.assert_close(diff, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(clean["blocks.2.hook_resid_post"], steered["blocks.2.hook_resid_post"])
+
+
+def test_compatibility_mode_scales_once(model_dirs):
+    model = cna_lens.load_model(model_dirs["llama"], device="cpu")
+    model.enable_compatibility_mode()
+    batch = cna_lens.tokenize_prompts(model, PROMPTS[:1], batch_size=1)[0]
+    c = _circuit(model, [(1, 7, 1.0), (2, 3, 1.0)])
+    with steer(model, c, 3.0):
+        steered = _logits(model, batch)
+    reference = _hf_scaled_logits(model_dirs["llama"], batch, c, 3.0)
+    # compatibility mode centres the unembedding (logits shift by a constant per position),
+    # so compare log-probabilities; scaling twice (m**2 = 9) would not match
+    torch.testing.assert_close(steered.log_softmax(-1), reference.log_softmax(-1),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_positions_prompt_and_generated(llama, circuit):
+    batch = cna_lens.tokenize_prompts(llama, PROMPTS, batch_size=2)[0]
+    clean = _logits(llama, batch)
+    with steer(llama, circuit, 0.0, positions="all"):
+        full = _logits(llama, batch)
+    with steer(llama, circuit, 0.0, positions="prompt"):
+        prompt_only = _logits(llama, batch)
+    with steer(llama, circuit, 0.0, positions="generated"):
+        generated_only = _logits(llama, batch)  # the first pass is the prompt: untouched
+    assert torch.equal(prompt_only, full) and torch.equal(generated_only, clean)
+    kw = dict(circuit=circuit, multiplier=0.0, max_new_tokens=6)
+    plain = cna_lens.generate_token_ids(llama, PROMPTS, max_new_tokens=6)
+    gen_only = cna_lens.generate_token_ids(llama, PROMPTS, positions="generated", **kw)
+    all_pos = cna_lens.generate_token_ids(llama, PROMPTS, positions="all", **kw)
+    prm_only = cna_lens.generate_token_ids(llama, PROMPTS, positions="prompt", **kw)
+    assert [t[:1] for t in gen_only] == [t[:1] for t in plain]
+    assert [t[:1] for t in prm_only] == [t[:1] for t in all_pos]
+
+
+def test_explicit_prompt_length_splits_one_pass(llama, circuit):
+    batch = cna_lens.tokenize_prompts(llama, PROMPTS[:1], batch_size=1)[0]
+    n = batch.input_ids.shape[1]
+    with steer(llama, circuit, 0.0, positions="generated", prompt_length=n - 1):
+        split = _logits(llama, batch)
+    clean = _logits(llama, batch)
+    # positions before prompt_length are untouched; the last one is steered
+    assert torch.equal(split[:, : n - 1], clean[:, : n - 1])
+    assert not torch.allclose(split[:, -1], clean[:, -1])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_multiplier_refused(llama, circuit, bad):
+    with pytest.raises(CNAError, match="finite"):
+        with steer(llama, circuit, bad):
+            pass
+    with pytest.raises(CNAError, match="finite"):
+        cna_lens.generate(llama, PROMPTS, circuit=circuit, multiplier=bad)
+    assert _n_hooks(llama) == 0
+
+
+def test_unknown_positions_refused(llama, circuit):
+    with pytest.raises(CNAError, match=r"positions must be one of \['all', 'prompt', 'generated'\]"):
+        with steer(llama, circuit, 0.0, positions="last"):  # type: ignore[arg-type]
+            pass
+
+
+def test_circuit_of_other_model_refused(llama, load, circuit):
+    assert circuit.provenance.fingerprint
+    with pytest.raises(CircuitMismatchError, match="fingerprint"):
+        with steer(load("qwen2"), circuit, 0.0):  # same shape, another architecture
+            pass
+    with pytest.raises(CircuitMismatchError, match="fingerprint"):
+        cna_lens.generate(load("qwen2"), PROMPTS, circuit=circuit, multiplier=0.0)
+
+
+def test_no_hook_left_after_exception_in_hook(llama, circuit, monkeypatch):
+    assert _n_hooks(llama) == 0
+    calls = {"n": 0}
+    original = _LayerHook.__call__
+
+    def flaky(self, act, hook):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom inside a hook")
+        return original(self, act, hook)
+
+    monkeypatch.setattr(_LayerHook, "__call__", flaky)
+    batch = cna_lens.tokenize_prompts(llama, PROMPTS, batch_size=2)[0]
+    with pytest.raises(RuntimeError, match="boom inside a hook"):
+        with steer(llama, circuit, 0.0):
+            assert _n_hooks(llama) == len({n.layer for n in circuit})
+            _logits(llama, batch)
+    assert _n_hooks(llama) == 0
+
+
+def test_no_hook_left_after_exception_during_generation(llama, circuit, monkeypatch):
+    real_generate = llama.original_model.generate
+    seen = {}
+
+    def failing_generate(*args, **kwargs):
+        seen["hooks"] = _n_hooks(llama)
+        real_generate(*args, **kwargs)
+        raise KeyboardInterrupt("user pressed ctrl-c mid-generation")
+
+    monkeypatch.setattr(llama.original_model, "generate", failing_generate)
+    with pytest.raises(KeyboardInterrupt):
+        cna_lens.generate(llama, PROMPTS, circuit=circuit, multiplier=0.0, max_new_tokens=4)
+    assert seen["hooks"] > 0
+    assert _n_hooks(llama) == 0
+
+
+def test_generate_returns_texts_in_prompt_order(llama):
+    prompts = ["a", "How do I pick a lock? Please explain step by step.", "b c"]
+    batched = cna_lens.generate_token_ids(llama, prompts, max_new_tokens=5, batch_size=3)
+    alone = [cna_lens.generate_token_ids(llama, [p], max_new_tokens=5)[0] for p in prompts]
+    assert batched == alone
+    texts = cna_lens.generate(llama, prompts, max_new_tokens=5)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+
+
+def test_generation_length_checked(llama):
+    with pytest.raises(CNAError, match="max_new_tokens"):
+        cna_lens.generate(llama, ["x"], max_new_tokens=0)
+    with pytest.raises(CNAError, match="longer than the model's context"):
+        cna_lens.generate(llama, ["x"], max_new_tokens=llama.cfg.n_ctx)
