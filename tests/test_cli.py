@@ -1,0 +1,107 @@
+"""CLI: discover writes a circuit that generate --multiplier 0 uses; errors exit 2 with a message."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+import cna_lens
+from cna_lens.cli import main, read_prompts
+
+from .conftest import NEGATIVE, POSITIVE
+
+
+@pytest.fixture
+def files(tmp_path):
+    pos = tmp_path / "pos.txt"
+    pos.write_text("\n".join(POSITIVE) + "\n\n")
+    neg = tmp_path / "neg.json"
+    neg.write_text(json.dumps(NEGATIVE))
+    return tmp_path, pos, neg
+
+
+def test_discover_then_generate_ablated(files, model_dirs, llama, capsys):
+    tmp, pos, neg = files
+    out = tmp / "circuit.json"
+    rc = main(["discover", "--model", str(model_dirs["llama"]), "--positive", str(pos),
+               "--negative", str(neg), "--top-k", "5", "--exclude-layers", "0",
+               "--batch-size", "4", "--out", str(out)])
+    assert rc == 0
+    circuit = cna_lens.Circuit.load(out)
+    assert len(circuit) == 5 and all(n.layer != 0 for n in circuit)
+    assert "5 neurons" in capsys.readouterr().out
+    expected = cna_lens.discover(llama, POSITIVE, NEGATIVE, top_k=5, exclude_layers=[0])
+    assert circuit.labels == expected.labels
+
+    results = tmp / "results.jsonl"
+    rc = main(["generate", "--model", str(model_dirs["llama"]), "--prompts", str(pos),
+               "--circuit", str(out), "--multiplier", "0", "--max-new-tokens", "6",
+               "--out", str(results)])
+    assert rc == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == POSITIVE
+    ablated = cna_lens.generate(llama, POSITIVE, circuit=circuit, multiplier=0.0,
+                                max_new_tokens=6)
+    assert [r["output"] for r in rows] == ablated
+    assert all(r["multiplier"] == 0.0 for r in rows)
+
+
+def test_info(model_dirs, capsys):
+    assert main(["info", "--model", str(model_dirs["gpt2"])]) == 0
+    out = capsys.readouterr().out
+    assert "MLP neurons        384" in out and "chat template      True" in out
+
+
+@pytest.mark.parametrize(
+    ("argv_tail", "match"),
+    [
+        (["--fraction", "0"], r"fraction must be in \(0, 1\]"),
+        (["--fraction", "1.5"], r"fraction must be in \(0, 1\]"),
+        (["--top-k", "100000"], "larger than"),
+    ],
+)
+def test_discover_errors_exit_2(files, model_dirs, capsys, argv_tail, match):
+    tmp, pos, neg = files
+    rc = main(["discover", "--model", str(model_dirs["llama"]), "--positive", str(pos),
+               "--negative", str(neg), "--out", str(tmp / "c.json"), *argv_tail])
+    assert rc == 2
+    assert pytest.importorskip("re").search(match, capsys.readouterr().err)
+    assert not (tmp / "c.json").exists()
+
+
+def test_generate_errors_exit_2(files, model_dirs, capsys):
+    tmp, pos, _ = files
+    (tmp / "broken.json").write_text('{"format": "cna_lens.circuit", "neurons": [')
+    rc = main(["generate", "--model", str(model_dirs["llama"]), "--prompts", str(pos),
+               "--circuit", str(tmp / "broken.json"), "--multiplier", "0"])
+    assert rc == 2 and "corrupt or truncated" in capsys.readouterr().err
+    rc = main(["generate", "--model", str(model_dirs["llama"]), "--prompts", str(pos),
+               "--multiplier", "0"])
+    assert rc == 2 and "needs --circuit" in capsys.readouterr().err
+
+
+def test_prompt_files(tmp_path):
+    (tmp_path / "a.txt").write_text("one\n\n two \n")
+    assert read_prompts(tmp_path / "a.txt") == ["one", " two "]
+    (tmp_path / "b.json").write_text('{"not": "a list"}')
+    with pytest.raises(cna_lens.CNAError, match="list of strings"):
+        read_prompts(tmp_path / "b.json")
+    (tmp_path / "c.json").write_text('["ok", 5]')
+    with pytest.raises(cna_lens.CNAError, match=r"\[1\] is int"):
+        read_prompts(tmp_path / "c.json")
+    (tmp_path / "d.txt").write_text("\n\n")
+    with pytest.raises(cna_lens.CNAError, match="empty"):
+        read_prompts(tmp_path / "d.txt")
+    with pytest.raises(cna_lens.CNAError, match="does not exist"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_console_script_installed():
+    exe = shutil.which("cna-lens")
+    assert exe, "pip install -e . should install the cna-lens console script"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("discover", "generate", "info"):
+        assert cmd in out
