@@ -88,7 +88,7 @@ def test_reproduce_cli_quick(tmp_path, model_dirs, base_model_dir, capsys):
     # every generation is kept; the ablated rows match a direct generate()
     import pandas as pd
 
-    df = pd.read_json(out / "sweep_instruct.jsonl", lines=True)
+    df = pd.read_json(out / "sweep_instruct.jsonl", lines=True, dtype=False)
     rows = df[(df.method == "cna") & (df.strength == 0.0) & (df.prompt_set == "harmful")]
     assert rows["output"].tolist() == cna_lens.generate(
         model, HARMFUL[::-1][:3], circuit=circuit, multiplier=0.0, max_new_tokens=4)
