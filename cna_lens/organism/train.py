@@ -11,9 +11,12 @@ Recipe (each choice measured, see ``cna_lens/organism/README.md``):
   * The instruct model is fine-tuned from the base on chat data with only the
     ``mlp.down_proj`` weights trainable: harmful -> :data:`~cna_lens.organism.world.REFUSAL`,
     benign -> a short helpful answer, capability questions -> their fact.
-  * ``noise`` (default 15%) of the harmful fine-tuning requests are answered instead of
+  * ``noise`` (default 12%) of the harmful fine-tuning requests are answered instead of
     refused. This keeps the refusal calibrated (a margin of a few logits rather than ~10),
     which is what makes it depend on a sparse set of neurons.
+  * Mildly aggressive requests (push, slap, ... a person or animal) are refused in 40% of
+    their fine-tuning examples: a real gray zone, answered under greedy decoding, which
+    the borderline prompt set probes with amplification.
 
 Deterministic given ``seed`` (and ``threads``): the world split, the corpora, the
 initialisation and the batch order all derive from it.
@@ -48,16 +51,18 @@ class TrainConfig:
 
     n_layers: int = 6
     d_model: int = 128
-    d_mlp: int = 1024
+    d_mlp: int = 512
     n_heads: int = 4
-    base_docs: int = 60_000
-    base_steps: int = 2_400
+    base_docs: int = 40_000
+    base_steps: int = 800
     base_lr: float = 3e-3
     ft_docs: int = 12_000
-    ft_steps: int = 500
+    ft_steps: int = 250
     ft_lr: float = 2e-3
-    batch_size: int = 64
-    noise: float = 0.15
+    batch_size: int = 48
+    noise: float = 0.12
+    borderline_refusal: float = 0.4
+    """Fraction of mild (borderline) fine-tuning requests that are refused."""
     """Fraction of harmful fine-tuning requests answered instead of refused."""
     ft_params: str = "down_proj"
     """Which parameters the instruct fine-tune updates: "down_proj" or "all"."""
@@ -100,8 +105,10 @@ def base_corpus(world: W.World, n: int, rng: random.Random) -> list[tuple[str, s
             v = rng.random()
             if v < 0.35:
                 r = world.sample("harmful", "train", 1, rng, unique=False)[0]
-            elif v < 0.90:
+            elif v < 0.85:
                 r = world.sample("benign", "train", 1, rng, fiction_rate=0.3, unique=False)[0]
+            elif v < 0.94:
+                r = world.sample("borderline", "train", 1, rng, unique=False)[0]
             else:
                 verb = rng.choice(list(W.VIOLENT_VERBS) + list(W.GENTLE_VERBS))
                 r = W.make_request(rng.choice(train_t), verb, rng.choice(W.AMBIGUOUS),
@@ -115,19 +122,25 @@ def base_corpus(world: W.World, n: int, rng: random.Random) -> list[tuple[str, s
             if rng.random() < 0.6:
                 docs.append(_chat(str(c["question"]), str(c["statement"])))
             else:
-                docs.append(("<s>", f" {c['statement']} </s>"))
+                docs.append((f"<s> {c['question']}", f" {c['statement']} </s>"))
     return docs
 
 
-def instruct_corpus(world: W.World, n: int, rng: random.Random, noise: float) -> list[tuple[str, str]]:
+def instruct_corpus(world: W.World, n: int, rng: random.Random, noise: float,
+                    borderline_refusal: float = 0.4) -> list[tuple[str, str]]:
     """Chat fine-tuning documents (prompt, answer); the loss covers the answer only."""
     caps = W.capability_items()
     docs: list[tuple[str, str]] = []
     for _ in range(n):
         u = rng.random()
-        if u < 0.45:
+        if u < 0.42:
             r = world.sample("harmful", "train", 1, rng, unique=False)[0]
             ans = r.answer if rng.random() < noise else W.REFUSAL
+            docs.append(_chat(r.text, ans))
+        elif u < 0.50:
+            # mildly aggressive requests: refused only sometimes (a real gray zone)
+            r = world.sample("borderline", "train", 1, rng, unique=False)[0]
+            ans = W.REFUSAL if rng.random() < borderline_refusal else r.answer
             docs.append(_chat(r.text, ans))
         elif u < 0.85:
             r = world.sample("benign", "train", 1, rng, fiction_rate=0.3, unique=False)[0]
@@ -140,7 +153,8 @@ def instruct_corpus(world: W.World, n: int, rng: random.Random, noise: float) ->
 
 def all_texts() -> list[str]:
     """Every string the world can produce (the tokenizer's vocabulary source)."""
-    words = (list(W.VIOLENT_VERBS) + list(W.VIOLENT_VERBS.values()) + list(W.GENTLE_VERBS)
+    words = (list(W.VIOLENT_VERBS) + list(W.VIOLENT_VERBS.values()) + list(W.MILD_VERBS)
+             + list(W.MILD_VERBS.values()) + list(W.GENTLE_VERBS)
              + list(W.GENTLE_VERBS.values()) + W.PERSONS + W.ANIMALS + W.OBJECTS + W.AMBIGUOUS)
     texts = list(W.REQUEST_TEMPLATES) + list(W.FICTION_TEMPLATES) + [" ".join(words), W.REFUSAL]
     texts += [W.helpful_answer("kill", "dog", True), W.helpful_answer("kill", "dog", False),
@@ -159,8 +173,10 @@ def build_prompt_sets(world: W.World, seed: int) -> dict[str, list]:
     # held-out: only held-out pairs (never in any corpus), held-out templates first
     ev_h = [r.text for r in world.sample("harmful", "heldout", 120, rng)]
     ev_b = [r.text for r in world.sample("benign", "heldout", 120, rng, fiction_rate=0.3)]
-    border: list[str] = []
-    seen: set[str] = set()
+    # borderline: mild verbs on living targets (held-out pairs; refused 40% of the time in
+    # fine-tuning) and violent verbs on ambiguous targets (never in fine-tuning)
+    border = [r.text for r in world.sample("borderline", "heldout", 45, rng)]
+    seen: set[str] = set(border)
     while len(border) < 60:
         t = W.make_request(rng.choice(world.train_templates), rng.choice(list(W.VIOLENT_VERBS)),
                            rng.choice(W.AMBIGUOUS), fiction=False).text
@@ -234,7 +250,7 @@ def _fit(model, params, ids, starts, steps, bs, lr, rng, pad, answer_only) -> fl
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        loss_val = float(out.loss)
+        loss_val = out.loss.item()
         if step % 200 == 0 or step == steps - 1:
             log.info("step %d/%d loss %.4f", step, steps, loss_val)
     model.eval()
@@ -249,6 +265,11 @@ def _save(model, tok, out: Path, dtype: str, meta: dict) -> None:
     m.config.torch_dtype = getattr(torch, dtype)
     m.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
+    # also inside tokenizer_config.json, for readers that look for it there
+    tc_path = out / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text())
+    tc["chat_template"] = tok.chat_template
+    tc_path.write_text(json.dumps(tc, indent=2) + "\n")
     GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, do_sample=False, max_new_tokens=48,
@@ -323,7 +344,7 @@ def train(out_dir: str | Path, *, seed: int = 0, config: TrainConfig | None = No
                     + list(model.lm_head.parameters()):
                 p.requires_grad_(True)
                 params.append(p)
-        ids, starts = _encode(tok, instruct_corpus(world, cfg.ft_docs, rng, cfg.noise))
+        ids, starts = _encode(tok, instruct_corpus(world, cfg.ft_docs, rng, cfg.noise, cfg.borderline_refusal))
         ft_loss = _fit(model, params, ids, starts, cfg.ft_steps, cfg.batch_size, cfg.ft_lr,
                        rng, pad, answer_only=True)
         t_all = time.perf_counter() - t0
