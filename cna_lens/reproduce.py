@@ -389,6 +389,7 @@ def reproduce(
     progress: bool = False,
     write: bool = True,
     on_stage: Callable[[str], None] | None = None,
+    judge: Callable[[str, str], float] | None = None,
 ) -> Reproduction:
     """Run the whole reproduction (see the module docstring) and write its outputs.
 
@@ -397,6 +398,10 @@ def reproduce(
         progress: Show a progress bar over the stages.
         write: Write figures, tables, circuits and ``summary.json`` to ``config.out``.
         on_stage: Called with each stage's name as it starts.
+        judge: Optional StrongREJECT-style judge ``(prompt, response) -> [0, 1]`` (see
+            :func:`cna_lens.evaluation.rubric_judge`) scoring the instruct model's answers
+            to harmful prompts; adds ``judge_baseline`` / ``judge_ablated`` to the summary.
+            Nothing calls a network unless this does.
 
     Returns:
         The summary, the sweep tables (every generation kept), circuits and figures.
@@ -472,7 +477,7 @@ def reproduce(
         inst_results = sweep(
             model, eval_sets, circuit=c_inst, caa=caa, capability=capability,
             multipliers=cfg.multipliers, caa_alphas=cfg.caa_alphas, caa_layers=caa_layers,
-            random_control=True, control_multipliers=(0.0,), seed=cfg.seed,
+            random_control=True, control_multipliers=(0.0,), seed=cfg.seed, judge=judge,
             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
             on_condition=lambda m, s: bar.set_postfix_str(f"sweep instruct: {m} {s:g}"))
         done()
@@ -531,6 +536,12 @@ def reproduce(
                                  {"instruct": c_inst, "base": c_base},
                                  {"instruct": u_inst, "base": u_base}, tuple(caa_layers),
                                  overlap, stability, meta)
+        if judge is not None:
+            from cna_lens.evaluation import summarize
+
+            js = summarize(inst_results)
+            summary["instruct"]["judge_baseline"] = _rate(js, "cna", 1.0, "harmful", "judge")
+            summary["instruct"]["judge_ablated"] = _rate(js, "cna", 0.0, "harmful", "judge")
         files: dict[str, Path] = {}
         if write:
             out = Path(cfg.out)

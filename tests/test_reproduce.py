@@ -110,3 +110,23 @@ def test_config_and_prompt_validation(tmp_path):
         load_prompt_sets(str(tmp_path / "p"))
     with pytest.raises(CNAError, match="does not exist"):
         load_prompt_sets(str(tmp_path / "missing"))
+
+
+def test_reproduce_with_a_judge(tmp_path, model_dirs, base_model_dir):
+    from cna_lens.reproduce import reproduce
+
+    calls = []
+
+    def judge(prompt, response):
+        calls.append(prompt)
+        return 0.25
+
+    cfg = ReproduceConfig(model=str(model_dirs["llama"]), base_model=str(base_model_dir),
+                          prompts=str(_prompt_dir(tmp_path / "p")), out=str(tmp_path / "o"),
+                          multipliers=(0.0, 1.0), caa_alphas=(0.0,), top_k=2, n_eval=2,
+                          n_universal=5, n_bootstrap=2, max_new_tokens=2, device="cpu")
+    result = reproduce(cfg, write=False, judge=judge)
+    assert result.summary["instruct"]["judge_ablated"] == 0.25
+    assert result.summary["instruct"]["judge_baseline"] == 0.25
+    assert set(calls) <= set(HARMFUL) and calls
+    assert not (tmp_path / "o").exists()
