@@ -60,12 +60,13 @@ __all__ = [
 CNA_MULTIPLIERS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 """The paper's CNA multiplier sweep: 0 ablates, 1 is the unchanged model, > 1 amplifies."""
 
-CAA_ALPHAS: tuple[float, ...] = (-8.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
+CAA_ALPHAS: tuple[float, ...] = (-4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.5, 1.0, 2.0)
 """The default CAA strengths (units of the mean-difference vector; see :mod:`cna_lens.caa`).
 
-``alpha = -1`` moves a harmful prompt's residual at the steered layer onto the benign mean
-(the counterpart of CNA's ``m = 0``), ``alpha = +1`` doubles the contrast (``m = 2``); the
-range reaches 8x either way, far enough to show quality collapse where it happens.
+``alpha = -1`` moves a harmful prompt's last-token residual at the steered layer onto the
+benign mean (the counterpart of CNA's ``m = 0``), ``alpha = +1`` doubles the contrast (the
+counterpart of ``m = 2``). The range is finer near 0, where CAA trades refusal against
+coherence, and reaches 4x, far enough to show quality collapse where it happens.
 """
 
 # ----------------------------------------------------------------------------- refusal

@@ -341,6 +341,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lay, ov, st = summary["layers"], summary["overlap"], summary["stability"]
     amp = i["amplified_multiplier"]
     amax = _key(c["max_alpha"])
+    n_total = summary["meta"]["n_layers"] * summary["meta"]["d_mlp"]
     rows = [
         ("refusal, harmful: m=1 -> m=0", "87% -> 2% (Qwen2.5-7B); >50% rel. drop",
          f"{_pct(i['refusal_baseline'])} -> {_pct(i['refusal_ablated'])} "
@@ -373,7 +374,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         ("bootstrap Jaccard mean / min", "-",
          f"{_num(st['jaccard_mean'])} / {_num(st['jaccard_min'])}"),
         ("circuit size (universal removed)", "0.1% of neurons",
-         f"{i['circuit_size']} ({i['universal_removed']})"),
+         f"{i['circuit_size']} of {n_total} = {i['circuit_size'] / n_total:.2%} "
+         f"({i['universal_removed']})"),
     ]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
