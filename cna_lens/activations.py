@@ -40,28 +40,45 @@ def iter_activations(
 ) -> Iterator[tuple[TokenBatch, Float[Tensor, "batch n_layers d_mlp"]]]:
     """Yield ``(batch, activations)`` at the last prompt token, one padded batch at a time.
 
-    The activations are read from TransformerLens's activation cache at every layer's
-    ``blocks.{L}.mlp.hook_post`` (``pos_slice=-1``), in the model's dtype, on its device.
-    Rows follow ``batch.indices`` (prompts are grouped by length).
+    The activations are read with TransformerLens hooks at every layer's
+    ``blocks.{L}.mlp.hook_post``, at the last position only, in the model's dtype, on its
+    device. Rows follow ``batch.indices`` (prompts are grouped by length). The forward pass
+    stops right after the last layer's ``hook_post`` (TransformerLens's
+    ``StopAtLayerException``, as ``run_with_cache(stop_at_layer=...)`` uses), so the last
+    down projection, the final norm and the unembedding, which CNA never reads, are not
+    computed; the hooks are removed after every batch.
 
     Raises:
         CNAError: invalid prompts, batch size, or a prompt longer than the context.
     """
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
     names = mlp_hook_names(model)
     batches = tokenize_prompts(model, prompts, batch_size=batch_size)
+    last = len(names) - 1
+    store: list[Tensor | None] = [None] * len(names)
+
+    def make_hook(layer: int):
+        def hook(act: Tensor, hook: Any) -> None:
+            store[layer] = act[:, -1].clone()  # a copy, so the full activation can be freed
+            if layer == last:
+                raise StopAtLayerException(None)  # caught by the bridge's forward
+
+        return hook
+
+    fwd_hooks = [(name, make_hook(layer)) for layer, name in enumerate(names)]
     bar = tqdm(total=sum(len(b.indices) for b in batches), desc=desc, unit="prompt",
                disable=not progress, leave=False)
     try:
         for batch in batches:
-            with torch.inference_mode():
-                _, cache = model.run_with_cache(
-                    batch.input_ids,
-                    attention_mask=batch.attention_mask,
-                    names_filter=names,
-                    pos_slice=-1,
-                    return_type=None,
-                )
-            acts = torch.stack([cache[name][:, -1] for name in names], dim=1)
+            store[:] = [None] * len(names)
+            with torch.inference_mode(), model.hooks(fwd_hooks=fwd_hooks):
+                model(batch.input_ids, attention_mask=batch.attention_mask, return_type=None)
+            missing = [names[i] for i, a in enumerate(store) if a is None]
+            if missing:
+                raise CNAError(f"the forward pass never reached {missing[:3]}; "
+                               "cannot read MLP neuron activations there")
+            acts = torch.stack(store, dim=1)  # type: ignore[arg-type]
             bar.update(len(batch.indices))
             yield batch, acts
     finally:
