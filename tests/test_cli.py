@@ -11,7 +11,7 @@ import pytest
 import cna_lens
 from cna_lens.cli import main, read_prompts
 
-from .conftest import NEGATIVE, POSITIVE
+from conftest import NEGATIVE, POSITIVE
 
 
 @pytest.fixture
