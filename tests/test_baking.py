@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from .conftest import NEGATIVE, POSITIVE
+from conftest import NEGATIVE, POSITIVE
 
 from cna_lens.baking import bake, bake_, down_projection, export_steered, steered_hf_model
 from cna_lens.circuit import Circuit, Neuron, Provenance
