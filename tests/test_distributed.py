@@ -65,6 +65,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     assert float((a - b).abs().max() / scale) <= 1e-12
 
 
+@pytest.mark.slow  # ~25-40 s on 2 shared cores: two fresh interpreters import torch
 def test_two_gloo_processes_equal_single_process(model_dirs, llama, tmp_path):
     threads = torch.get_num_threads()
     out = str(tmp_path / "result")
