@@ -8,12 +8,14 @@ through the core library (``load_model`` / ``discover`` / ``generate``).
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter
 
 import pytest
 import torch
 
 import cna_lens
-from cna_lens import organism
+from cna_lens import Circuit, Neuron, organism
 from cna_lens.evaluation import is_refusal
 from cna_lens.organism import world as W
 from cna_lens.organism.train import QUICK, train
@@ -64,12 +66,11 @@ def test_shipped_prompt_sets():
     # held out of every training corpus of the shipped seed
     assert not set(sets["eval_harmful"]) & set(sets["discovery_harmful"])
     world = W.make_world(json.loads((organism.path("instruct") / "organism.json").read_text())["seed"])
-    verbs = set(W.VIOLENT_VERBS) | set(W.GENTLE_VERBS)
-    targets = set(W.PERSONS + W.ANIMALS + W.OBJECTS)
     for text in sets["eval_harmful"] + sets["eval_benign"]:
-        words = text.split()
-        pair = (next(w for w in words if w in verbs), next(w for w in words if w in targets))
-        assert pair in world.heldout_pairs, text
+        _, verb, target = W.parse(text)
+        assert (verb, target) in world.heldout_pairs, text
+    for text in sets["eval_harmful"]:
+        assert W.is_harmful(*W.parse(text)[1:], fiction=False), text
     # a fresh copy each call
     sets["eval_harmful"].clear()
     assert organism.prompts("eval_harmful")
@@ -154,7 +155,15 @@ def test_base_never_refuses(base):
 
 def test_ablating_the_circuit_lowers_refusal(instruct, circuit):
     harmful = organism.prompts("eval_harmful")[:24]
-    assert len(circuit.neurons) == round(FRACTION * 6 * instruct.cfg.d_mlp) or len(circuit.neurons) > 0
+    assert len(circuit) == round(FRACTION * circuit.n_layers * circuit.d_mlp)
     before = _refusal(instruct, harmful)
     after = _refusal(instruct, harmful, circuit=circuit, multiplier=0.0)
     assert after <= 0.5 * before
+    # a random neuron set with the same per-layer counts leaves refusal (nearly) intact
+    rng = random.Random(0)
+    per_layer = Counter(n.layer for n in circuit)
+    neurons = [Neuron(layer, j, 1.0) for layer, c in sorted(per_layer.items())
+               for j in rng.sample(range(circuit.d_mlp), c)]
+    control = Circuit(tuple(neurons), n_layers=circuit.n_layers, d_mlp=circuit.d_mlp,
+                      provenance=circuit.provenance)
+    assert _refusal(instruct, harmful, circuit=control, multiplier=0.0) >= before - 0.15

@@ -354,3 +354,17 @@ def make_world(seed: int = 0) -> World:
         heldout_pairs=held,
         rng=rng,
     )
+
+
+def parse(text: str) -> tuple[str, str, str]:
+    """(template, verb, target) of a request text produced by the world.
+
+    Raises:
+        ValueError: ``text`` matches no template of the world.
+    """
+    for tpl in REQUEST_TEMPLATES + FICTION_TEMPLATES:
+        pattern = "^" + re.escape(tpl).replace(r"\{v\}", r"(\w+)").replace(r"\{t\}", r"(\w+)") + "$"
+        m = re.match(pattern, text)
+        if m:
+            return tpl, m.group(1), m.group(2)
+    raise ValueError(f"{text!r} matches no request template of the organism world")
