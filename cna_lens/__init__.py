@@ -20,9 +20,23 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+local"
 
 from cna_lens.activations import NeuronStats, activation_stats, iter_activations
+from cna_lens.analysis import (
+    LayerDistribution,
+    Overlap,
+    Stability,
+    bootstrap_stability,
+    chance_intersection,
+    circuit_overlap,
+    jaccard,
+    layer_distribution,
+    random_control_circuit,
+)
 from cna_lens.attribution import Attribution, attribute, contrast
+from cna_lens.baking import BakedWeights, bake, bake_, export_steered, steered_hf_model
+from cna_lens.caa import CAAVectors, caa_generate, caa_steer, compute_caa
 from cna_lens.circuit import Circuit, Neuron, Provenance, resolve_k, select_top_k
 from cna_lens.discovery import Discovery, circuit_from_attribution, discover, discover_full
+from cna_lens.distributed import discover_distributed
 from cna_lens.errors import CircuitMismatchError, CNAError
 from cna_lens.loading import (
     TokenBatch,
@@ -51,8 +65,39 @@ from cna_lens.universal import (
     universal_from_counts,
 )
 
+# Stages that pull in pandas / plotly / the organism data load on first use.
+_LAZY_MODULES = ("evaluation", "plots", "figures", "reproduce", "organism", "testing")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        import importlib
+
+        return importlib.import_module(f"cna_lens.{name}")
+    raise AttributeError(f"module 'cna_lens' has no attribute {name!r}")
+
+
 __all__ = [
     "Attribution",
+    "BakedWeights",
+    "CAAVectors",
+    "LayerDistribution",
+    "Overlap",
+    "Stability",
+    "bake",
+    "bake_",
+    "bootstrap_stability",
+    "caa_generate",
+    "caa_steer",
+    "chance_intersection",
+    "circuit_overlap",
+    "compute_caa",
+    "discover_distributed",
+    "export_steered",
+    "jaccard",
+    "layer_distribution",
+    "random_control_circuit",
+    "steered_hf_model",
     "CNAError",
     "Circuit",
     "CircuitMismatchError",

@@ -58,7 +58,9 @@ class ReproduceConfig:
         base_model: Base model; None: the organism's base model.
         prompts: Folder of prompt-set JSON files; None: the organism's prompt sets.
         out: Output folder for figures, tables and ``summary.json``.
-        fraction: Circuit size as a fraction of all MLP neurons (the paper's 0.1%).
+        fraction: Circuit size as a fraction of all MLP neurons. None (default): the
+            organism's documented ``organism.CIRCUIT_FRACTION`` (1% = 31 neurons; the
+            paper's 0.1% is 3 neurons there) on the organism, the paper's 0.1% otherwise.
         top_k: Circuit size as a count (overrides ``fraction``).
         multipliers: CNA multipliers of the sweep.
         caa_alphas: CAA strengths of the sweep.
@@ -82,7 +84,7 @@ class ReproduceConfig:
     base_model: str | None = None
     prompts: str | None = None
     out: str = "figures"
-    fraction: float | None = 0.001
+    fraction: float | None = None
     top_k: int | None = None
     multipliers: tuple[float, ...] = CNA_MULTIPLIERS
     caa_alphas: tuple[float, ...] = CAA_ALPHAS
@@ -385,6 +387,15 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- main job
+def _default_fraction(model: str | None) -> float:
+    """The organism's documented circuit fraction, or the paper's 0.1% for other models."""
+    if model is None:
+        from cna_lens.organism import CIRCUIT_FRACTION
+
+        return CIRCUIT_FRACTION
+    return 0.001
+
+
 def reproduce(
     config: ReproduceConfig | None = None,
     *,
@@ -427,6 +438,8 @@ def reproduce(
     )
 
     cfg = config or ReproduceConfig()
+    if cfg.fraction is None and cfg.top_k is None:
+        cfg = replace(cfg, fraction=_default_fraction(cfg.model))
     t0 = time.perf_counter()
     sets = load_prompt_sets(cfg.prompts)
     instruct_path = _model_path(cfg.model, "instruct")
@@ -628,7 +641,7 @@ def register(subparsers: Any, handlers: dict[str, Callable[..., int]]) -> None:
                    help="small subsets and sweeps: a smoke run of the whole pipeline")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--fraction", type=float, default=None,
-                      help="circuit size as a fraction of all MLP neurons (default 0.001)")
+                      help="circuit size as a fraction of all MLP neurons (default: 0.01 on the organism, 0.001 otherwise)")
     size.add_argument("--top-k", type=int, default=None, help="circuit size as a count")
     p.add_argument("--multipliers", type=_floats, default=None,
                    help=f"CNA multipliers (default {','.join(map(_key, CNA_MULTIPLIERS))})")

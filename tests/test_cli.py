@@ -7,11 +7,10 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import NEGATIVE, POSITIVE
 
 import cna_lens
 from cna_lens.cli import main, read_prompts
-
-from conftest import NEGATIVE, POSITIVE
 
 
 @pytest.fixture
