@@ -171,7 +171,7 @@ class Overlap:
         return d
 
 
-def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
+def _cosine(a: Sequence[int | float], b: Sequence[int | float]) -> float:
     na = math.sqrt(sum(x * x for x in a))
     nb = math.sqrt(sum(x * x for x in b))
     if na == 0 or nb == 0:
@@ -302,7 +302,7 @@ class Stability:
 
 def bootstrap_stability(
     positive: Float[Tensor, "n_pos n_layers d_mlp"],
-    negative: Float[Tensor, "n_neg n_layers d_mlp"],
+    negative: Float[Tensor, "n_neg _ _"],  # grid checked below, with a clearer message
     *,
     fraction: float | None = 0.001,
     top_k: int | None = None,
