@@ -10,7 +10,7 @@ statistics merge exactly (for sharded or distributed discovery).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cna_lens.errors import CNAError
-from cna_lens.loading import TokenBatch, mlp_hook_names, tokenize_prompts
+from cna_lens.loading import PromptList, TokenBatch, mlp_hook_names, tokenize_prompts
 
 __all__ = [
     "NeuronStats",
@@ -32,7 +32,7 @@ __all__ = [
 
 def iter_activations(
     model: Any,
-    prompts: Sequence[str],
+    prompts: PromptList,
     *,
     batch_size: int = 32,
     progress: bool = False,
@@ -166,7 +166,7 @@ def _top_fraction_k(n_total: int, fraction: float) -> int:
 
 def activation_stats(
     model: Any,
-    prompts: Sequence[str],
+    prompts: PromptList,
     *,
     batch_size: int = 32,
     progress: bool = False,

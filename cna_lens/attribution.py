@@ -6,7 +6,6 @@ streamed statistics. Everything here after :func:`attribute` is a pure tensor fu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +15,7 @@ from torch import Tensor
 
 from cna_lens.activations import NeuronStats, activation_stats
 from cna_lens.errors import CNAError
+from cna_lens.loading import PromptList
 
 __all__ = ["Attribution", "attribute", "contrast"]
 
@@ -67,8 +67,8 @@ class Attribution:
 
 def attribute(
     model: Any,
-    positive: Sequence[str],
-    negative: Sequence[str],
+    positive: PromptList,
+    negative: PromptList,
     *,
     batch_size: int = 32,
     progress: bool = False,

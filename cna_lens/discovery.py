@@ -13,6 +13,7 @@ from cna_lens.attribution import Attribution, attribute
 from cna_lens.circuit import Circuit, Provenance, resolve_k, select_top_k
 from cna_lens.loading import (
     MLP_HOOK,
+    PromptList,
     model_fingerprint,
     model_id,
     prompt_set_hash,
@@ -64,14 +65,14 @@ def circuit_from_attribution(
 
 def discover_full(
     model: Any,
-    positive: Sequence[str],
-    negative: Sequence[str],
+    positive: PromptList,
+    negative: PromptList,
     *,
     fraction: float | None = 0.001,
     top_k: int | None = None,
     exclude_layers: Sequence[int] = (),
     universal_filter: bool = True,
-    universal_prompts: Sequence[str] | None = None,
+    universal_prompts: PromptList | None = None,
     universal_top_fraction: float = 0.001,
     universal_threshold: float = 0.8,
     batch_size: int = 32,
@@ -106,14 +107,14 @@ def discover_full(
 
 def discover(
     model: Any,
-    positive: Sequence[str],
-    negative: Sequence[str],
+    positive: PromptList,
+    negative: PromptList,
     *,
     fraction: float | None = 0.001,
     top_k: int | None = None,
     exclude_layers: Sequence[int] = (),
     universal_filter: bool = True,
-    universal_prompts: Sequence[str] | None = None,
+    universal_prompts: PromptList | None = None,
     universal_top_fraction: float = 0.001,
     universal_threshold: float = 0.8,
     batch_size: int = 32,

@@ -43,6 +43,7 @@ from cna_lens.discovery import Discovery, circuit_from_attribution
 from cna_lens.errors import CNAError
 from cna_lens.loading import (
     MLP_HOOK,
+    PromptList,
     model_fingerprint,
     model_id,
     prompt_set_hash,
@@ -81,7 +82,7 @@ def _rank_world(group: Any, rank: int | None, world_size: int | None) -> tuple[i
 
 def shard_prompts(
     model: Any,
-    prompts: Sequence[str],
+    prompts: PromptList,
     *,
     batch_size: int,
     rank: int | None = None,
@@ -136,7 +137,7 @@ def all_reduce_counts(counts: Int[Tensor, "n_layers d_mlp"],
 
 def activation_stats_distributed(
     model: Any,
-    prompts: Sequence[str],
+    prompts: PromptList,
     *,
     batch_size: int = 32,
     top_fraction: float | None = None,
@@ -170,14 +171,14 @@ def activation_stats_distributed(
 
 def discover_distributed(
     model: Any,
-    positive: Sequence[str],
-    negative: Sequence[str],
+    positive: PromptList,
+    negative: PromptList,
     *,
     fraction: float | None = 0.001,
     top_k: int | None = None,
     exclude_layers: Sequence[int] = (),
     universal_filter: bool = True,
-    universal_prompts: Sequence[str] | None = None,
+    universal_prompts: PromptList | None = None,
     universal_top_fraction: float = 0.001,
     universal_threshold: float = 0.8,
     batch_size: int = 32,

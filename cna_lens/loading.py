@@ -25,6 +25,7 @@ from torch import Tensor
 from cna_lens.errors import CNAError
 
 __all__ = [
+    "PromptList",
     "TokenBatch",
     "format_prompt",
     "is_chat_model",
@@ -40,6 +41,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MLP_HOOK = "blocks.{layer}.mlp.hook_post"
+
+PromptList = Sequence[Any]
+"""A sequence of prompt strings. Its entries are checked by :func:`validate_prompts`, which
+names the offending entry (a runtime type checker would test only a sample of them)."""
 
 _DTYPES = {
     "float32": torch.float32,
@@ -253,7 +258,7 @@ def _pad_id(model: Any) -> int:
 
 def tokenize_prompts(
     model: Any,
-    prompts: Sequence[str],
+    prompts: PromptList,
     *,
     batch_size: int,
     max_new_tokens: int = 0,

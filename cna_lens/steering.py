@@ -10,7 +10,7 @@ KV-cached generation (greedy by default) under such a context and returns the te
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from cna_lens.circuit import Circuit
 from cna_lens.errors import CNAError
-from cna_lens.loading import MLP_HOOK, _pad_id, tokenize_prompts
+from cna_lens.loading import MLP_HOOK, PromptList, _pad_id, tokenize_prompts
 
 __all__ = ["Positions", "SteeringConfig", "generate", "generate_token_ids", "layer_scales",
            "steer"]
@@ -196,7 +196,7 @@ def _eos_ids(model: Any) -> list[int]:
 
 def generate_token_ids(
     model: Any,
-    prompts: Sequence[str],
+    prompts: PromptList,
     *,
     circuit: Circuit | None = None,
     multiplier: float = 1.0,
@@ -269,7 +269,7 @@ def steer_nothing(model: Any) -> Iterator[None]:
 
 def generate(
     model: Any,
-    prompts: Sequence[str],
+    prompts: PromptList,
     *,
     circuit: Circuit | None = None,
     multiplier: float = 1.0,

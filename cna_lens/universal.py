@@ -9,7 +9,6 @@ default set of prompts ships with the package.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -20,7 +19,7 @@ from torch import Tensor
 
 from cna_lens.activations import activation_stats
 from cna_lens.errors import CNAError
-from cna_lens.loading import prompt_set_hash, validate_prompts
+from cna_lens.loading import PromptList, prompt_set_hash, validate_prompts
 
 __all__ = ["UniversalNeurons", "default_universal_prompts", "find_universal_neurons",
            "universal_from_counts"]
@@ -74,7 +73,7 @@ def universal_from_counts(
 
 def find_universal_neurons(
     model: Any,
-    prompts: Sequence[str] | None = None,
+    prompts: PromptList | None = None,
     *,
     top_fraction: float = 0.001,
     threshold: float = 0.8,
