@@ -5,11 +5,13 @@ attribute both sets -> flag universal neurons -> select the top-k by |delta|.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-from cna_lens.attribution import Attribution, attribute
+from cna_lens.activations import activation_stats
+from cna_lens.attribution import Attribution
 from cna_lens.circuit import Circuit, Provenance, resolve_k, select_top_k
 from cna_lens.loading import (
     MLP_HOOK,
@@ -19,9 +21,9 @@ from cna_lens.loading import (
     prompt_set_hash,
     validate_prompts,
 )
-from cna_lens.universal import UniversalNeurons, find_universal_neurons
+from cna_lens.universal import UniversalNeurons, universal_neurons_from
 
-__all__ = ["Discovery", "discover", "discover_full", "circuit_from_attribution"]
+__all__ = ["Discovery", "discover", "discover_full", "discover_with", "circuit_from_attribution"]
 
 
 @dataclass(frozen=True)
@@ -79,17 +81,49 @@ def discover_full(
     progress: bool = False,
 ) -> Discovery:
     """Like :func:`discover`, but also return the statistics and the universal neurons."""
+    return discover_with(
+        partial(activation_stats, model, batch_size=batch_size, progress=progress),
+        model, positive, negative, fraction=fraction, top_k=top_k,
+        exclude_layers=exclude_layers, universal_filter=universal_filter,
+        universal_prompts=universal_prompts, universal_top_fraction=universal_top_fraction,
+        universal_threshold=universal_threshold,
+    )
+
+
+def discover_with(
+    stats_fn: Callable[..., Any],
+    model: Any,
+    positive: PromptList,
+    negative: PromptList,
+    *,
+    fraction: float | None = 0.001,
+    top_k: int | None = None,
+    exclude_layers: Sequence[int] = (),
+    universal_filter: bool = True,
+    universal_prompts: PromptList | None = None,
+    universal_top_fraction: float = 0.001,
+    universal_threshold: float = 0.8,
+) -> Discovery:
+    """The discovery pipeline with the forward passes done by ``stats_fn``.
+
+    ``stats_fn(prompts, desc=..., top_fraction=None)`` returns ``(stats, top_counts)`` like
+    :func:`cna_lens.activation_stats`; :func:`discover_full` passes that function and
+    :func:`cna_lens.discover_distributed` its sharded twin. Everything else (validation,
+    size check, universal filter, provenance, selection) is shared.
+    """
     positive = validate_prompts(positive, "positive prompts")
     negative = validate_prompts(negative, "negative prompts")
     n_total = int(model.cfg.n_layers) * int(model.cfg.d_mlp)
     # Fail on a bad size before any forward pass (re-checked after filtering).
     resolve_k(n_total, n_total, fraction=None if top_k is not None else fraction, top_k=top_k)
-    attribution = attribute(model, positive, negative, batch_size=batch_size, progress=progress)
+    pos, _ = stats_fn(positive, desc="positive")
+    neg, _ = stats_fn(negative, desc="negative")
+    attribution = Attribution(pos, neg)
     universal = None
     if universal_filter:
-        universal = find_universal_neurons(
-            model, universal_prompts, top_fraction=universal_top_fraction,
-            threshold=universal_threshold, batch_size=batch_size, progress=progress,
+        universal = universal_neurons_from(
+            stats_fn, universal_prompts, top_fraction=universal_top_fraction,
+            threshold=universal_threshold,
         )
     provenance = Provenance(
         model_id=model_id(model),

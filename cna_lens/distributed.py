@@ -29,6 +29,7 @@ Example (run with ``torchrun --nproc-per-node 4 script.py``):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -37,24 +38,12 @@ from jaxtyping import Int
 from torch import Tensor
 
 from cna_lens.activations import NeuronStats, activation_stats
-from cna_lens.attribution import Attribution
-from cna_lens.circuit import Provenance, resolve_k
-from cna_lens.discovery import Discovery, circuit_from_attribution
+from cna_lens.discovery import Discovery, discover_with
 from cna_lens.errors import CNAError
 from cna_lens.loading import (
-    MLP_HOOK,
     PromptList,
-    model_fingerprint,
-    model_id,
-    prompt_set_hash,
     tokenize_prompts,
     validate_prompts,
-)
-from cna_lens.universal import (
-    UniversalNeurons,
-    _check_threshold,
-    default_universal_prompts,
-    universal_from_counts,
 )
 
 __all__ = [
@@ -201,35 +190,11 @@ def discover_distributed(
         CNAError: bad prompts or size, or torch.distributed not initialised.
     """
     _rank_world(group, None, None)
-    positive = validate_prompts(positive, "positive prompts")
-    negative = validate_prompts(negative, "negative prompts")
-    n_total = int(model.cfg.n_layers) * int(model.cfg.d_mlp)
-    resolve_k(n_total, n_total, fraction=None if top_k is not None else fraction, top_k=top_k)
-    kw = dict(batch_size=batch_size, group=group, progress=progress)
-    pos, _ = activation_stats_distributed(model, positive, desc="positive", **kw)
-    neg, _ = activation_stats_distributed(model, negative, desc="negative", **kw)
-    attribution = Attribution(pos, neg)
-    universal: UniversalNeurons | None = None
-    if universal_filter:
-        _check_threshold(universal_threshold)
-        uprompts = validate_prompts(
-            default_universal_prompts() if universal_prompts is None else universal_prompts,
-            "universal prompts")
-        _, counts = activation_stats_distributed(model, uprompts, desc="universal",
-                                                 top_fraction=universal_top_fraction, **kw)
-        assert counts is not None
-        universal = universal_from_counts(
-            counts.cpu(), len(uprompts), top_fraction=universal_top_fraction,
-            threshold=universal_threshold, prompts_hash=prompt_set_hash(uprompts))
-    provenance = Provenance(
-        model_id=model_id(model),
-        fingerprint=model_fingerprint(model),
-        hook=MLP_HOOK,
-        positive_hash=prompt_set_hash(positive),
-        negative_hash=prompt_set_hash(negative),
+    stats_fn = partial(activation_stats_distributed, model, batch_size=batch_size, group=group,
+                       progress=progress)
+    return discover_with(
+        stats_fn, model, positive, negative, fraction=fraction, top_k=top_k,
+        exclude_layers=exclude_layers, universal_filter=universal_filter,
+        universal_prompts=universal_prompts, universal_top_fraction=universal_top_fraction,
+        universal_threshold=universal_threshold,
     )
-    circuit = circuit_from_attribution(
-        attribution, fraction=fraction, top_k=top_k, exclude_layers=exclude_layers,
-        universal=universal, provenance=provenance,
-    )
-    return Discovery(circuit, attribution, universal)

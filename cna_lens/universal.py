@@ -9,7 +9,9 @@ default set of prompts ships with the package.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -22,7 +24,7 @@ from cna_lens.errors import CNAError
 from cna_lens.loading import PromptList, prompt_set_hash, validate_prompts
 
 __all__ = ["UniversalNeurons", "default_universal_prompts", "find_universal_neurons",
-           "universal_from_counts"]
+           "universal_from_counts", "universal_neurons_from"]
 
 
 def default_universal_prompts() -> list[str]:
@@ -90,11 +92,27 @@ def find_universal_neurons(
         batch_size: Prompts per forward pass.
         progress: Show a progress bar.
     """
+    stats_fn = partial(activation_stats, model, batch_size=batch_size, progress=progress)
+    return universal_neurons_from(stats_fn, prompts, top_fraction=top_fraction,
+                                  threshold=threshold)
+
+
+def universal_neurons_from(
+    stats_fn: Callable[..., Any],
+    prompts: PromptList | None = None,
+    *,
+    top_fraction: float = 0.001,
+    threshold: float = 0.8,
+) -> UniversalNeurons:
+    """:func:`find_universal_neurons` with the forward passes done by ``stats_fn``.
+
+    ``stats_fn(prompts, desc=..., top_fraction=...)`` returns ``(stats, top_counts)`` like
+    :func:`cna_lens.activation_stats` (or its sharded twin in :mod:`cna_lens.distributed`).
+    """
     _check_threshold(threshold)
     prompts = validate_prompts(default_universal_prompts() if prompts is None else prompts,
                                "universal prompts")
-    _, counts = activation_stats(model, prompts, batch_size=batch_size, progress=progress,
-                                 desc="universal", top_fraction=top_fraction)
+    _, counts = stats_fn(prompts, desc="universal", top_fraction=top_fraction)
     assert counts is not None
     return universal_from_counts(counts.cpu(), len(prompts), top_fraction=top_fraction,
                                  threshold=threshold, prompts_hash=prompt_set_hash(prompts))
