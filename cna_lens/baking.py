@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -249,7 +250,10 @@ def bake(
 # ---- a plain Hugging Face copy ------------------------------------------------------------
 
 def _source(model: Any) -> str:
-    from cna_lens.loading import model_id
+    from cna_lens.loading import model_id, model_source
+
+    if model_source(model):
+        return str(model_source(model))
 
     cfg = getattr(getattr(model, "original_model", None), "config", None)
     for candidate in (getattr(cfg, "_name_or_path", None), model_id(model)):
@@ -309,7 +313,13 @@ def steered_hf_model(
         bridge = model_or_dir
         source = _source(bridge)
     circuit.validate(bridge)
-    hf = AutoModelForCausalLM.from_pretrained(source, dtype=_model_dtype(bridge))
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=_model_dtype(bridge))
+    else:  # built from the config, so a bridge from a .gguf file (or the hub) needs no disk
+        hf_config = copy.deepcopy(bridge.original_model.config)
+        if getattr(hf_config, "quantization_config", None) is not None:
+            del hf_config.quantization_config
+        hf = AutoModelForCausalLM.from_config(hf_config, dtype=_model_dtype(bridge))
     hf.eval()
     hf_params = dict(hf.state_dict(keep_vars=True))
     # Copy the bridge's current weights into the fresh copy (names without the wrappers).
