@@ -52,7 +52,8 @@ def _layers(text: str) -> list[int]:
 
 def _model_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required,
-                   help="hub name or local HF directory (or 'organism:instruct' / 'organism:base')")
+                   help="hub name, local HF directory, .gguf file, 'organism:instruct' / "
+                        "'organism:base', or 'zoo:NAME' (see 'cna-lens models list')")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
 
@@ -65,6 +66,10 @@ def _load(args: argparse.Namespace) -> Any:
         from cna_lens import organism
 
         name = str(organism.path(name.split(":", 1)[1]))
+    elif name.startswith("zoo:"):
+        from cna_lens import zoo
+
+        name = zoo.resolve(name)
     return load_model(name, device=args.device, dtype=args.dtype)
 
 
@@ -141,6 +146,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from cna_lens import zoo
+
+    if args.models_command == "list":
+        print(f"{'name':<30} {'kind':<9} {'arch':<7} {'installed':<9} install")
+        for name, m in zoo.REAL_MODELS.items():
+            print(f"{name:<30} {m.kind:<9} {m.architecture:<7} "
+                  f"{'yes' if zoo.is_installed(name) else 'no':<9} {m.install}")
+        print(f"cache: {zoo.cache_dir()}; use --model zoo:NAME (GGUF) or zoo:NAME:hf")
+        return 0
+    print(zoo.model_path(args.name, hf=args.hf))
+    return 0
+
+
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., int]]]:
     parser = argparse.ArgumentParser(
         prog="cna-lens", description="Contrastive Neuron Attribution on TransformerLens.")
@@ -183,6 +202,16 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., in
     p = sub.add_parser("info", help="describe a model's neuron grid and formatting")
     _model_arg(p)
     handlers["info"] = _cmd_info
+
+    p = sub.add_parser("models", help="real models carried by PyPI packages (GGUF): list, "
+                                      "locate, convert")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("list", help="known real models, whether installed, how to install")
+    q = msub.add_parser("path", help="print a loadable path for an installed real model")
+    q.add_argument("name", help="a name from 'cna-lens models list'")
+    q.add_argument("--hf", action="store_true",
+                   help="convert to a plain HF directory once (cached) and print that")
+    handlers["models"] = _cmd_models
 
     _add_optional_commands(sub, handlers)
     return parser, handlers
