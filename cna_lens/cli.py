@@ -15,31 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from cna_lens.errors import CNAError
+from cna_lens.prompt_sets import read_prompts
 
 __all__ = ["main", "read_prompts"]
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a file: one per line (.txt, blank lines skipped) or a JSON list of strings.
-
-    Raises:
-        CNAError: missing file, invalid JSON, or not a list of non-empty strings.
-    """
-    from cna_lens.loading import validate_prompts
-
-    p = Path(path)
-    if not p.is_file():
-        raise CNAError(f"prompt file {str(p)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CNAError(f"{p}: not valid JSON ({exc}); expected a list of strings") from exc
-        if not isinstance(data, list):
-            raise CNAError(f"{p}: expected a JSON list of strings, got {type(data).__name__}")
-        return validate_prompts(data, str(p))
-    return validate_prompts([line for line in text.splitlines() if line.strip()], str(p))
 
 
 def _layers(text: str) -> list[int]:
@@ -48,6 +26,16 @@ def _layers(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated layer indices like 0,1, got {text!r}") from None
+
+
+_PROMPT_FILE_HELP = "prompt file: .txt (one per line), .json, .jsonl or .csv"
+
+
+def _prompt_column_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-column", default=None,
+                   help="field (.json/.jsonl objects) or header (.csv) holding the prompt in "
+                        "every prompt file of this command (default: the one column named "
+                        "prompt, goal or behavior)")
 
 
 def _model_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -76,9 +64,11 @@ def _load(args: argparse.Namespace) -> Any:
 def _cmd_discover(args: argparse.Namespace) -> int:
     from cna_lens.discovery import discover
 
-    positive = read_prompts(args.positive)
-    negative = read_prompts(args.negative)
-    universal = read_prompts(args.universal_prompts) if args.universal_prompts else None
+    column = args.prompt_column
+    positive = read_prompts(args.positive, column=column)
+    negative = read_prompts(args.negative, column=column)
+    universal = (read_prompts(args.universal_prompts, column=column)
+                 if args.universal_prompts else None)
     model = _load(args)
     circuit = discover(
         model, positive, negative,
@@ -102,7 +92,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from cna_lens.circuit import Circuit
     from cna_lens.steering import generate
 
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts, column=args.prompt_column)
     circuit = Circuit.load(args.circuit) if args.circuit else None
     if circuit is None and args.multiplier != 1.0:
         raise CNAError("--multiplier needs --circuit (which neurons to scale)")
@@ -169,8 +159,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., in
 
     p = sub.add_parser("discover", help="find the circuit separating two prompt sets")
     _model_arg(p)
-    p.add_argument("--positive", required=True, help="prompt file (.txt lines or .json list)")
-    p.add_argument("--negative", required=True, help="prompt file (.txt lines or .json list)")
+    p.add_argument("--positive", required=True, help=_PROMPT_FILE_HELP)
+    p.add_argument("--negative", required=True, help=_PROMPT_FILE_HELP)
+    _prompt_column_arg(p)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--fraction", type=float, default=0.001,
                       help="circuit size as a fraction of all MLP neurons (default 0.001)")
@@ -187,7 +178,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., in
 
     p = sub.add_parser("generate", help="generate, optionally with a circuit scaled")
     _model_arg(p)
-    p.add_argument("--prompts", required=True, help="prompt file (.txt lines or .json list)")
+    p.add_argument("--prompts", required=True, help=_PROMPT_FILE_HELP)
+    _prompt_column_arg(p)
     p.add_argument("--circuit", default=None, help="circuit JSON from 'discover'")
     p.add_argument("--multiplier", type=float, default=1.0,
                    help="0 ablates, 1 unchanged, >1 amplifies (default 1)")
