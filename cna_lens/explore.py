@@ -404,7 +404,7 @@ def logit_lens(model: Any, neuron: Any, k: int = 10) -> pd.DataFrame:
 
 
 def refusal_token_ids(model: Any, tokens: Sequence[str] | None = None) -> dict[str, int]:
-    """Map each candidate refusal opening that is a single token to its id.
+    """Each candidate refusal opening that is a single token: its decoded text -> its id.
 
     Args:
         model: A bridge.
@@ -420,7 +420,7 @@ def refusal_token_ids(model: Any, tokens: Sequence[str] | None = None) -> dict[s
     for text in candidates:
         ids = tok.encode(text, add_special_tokens=False)
         if len(ids) == 1 and ids[0] not in found.values() and ids[0] != tok.unk_token_id:
-            found[text] = int(ids[0])
+            found[tok.decode(ids)] = int(ids[0])
     if not found:
         raise CNAError(f"none of the refusal tokens {list(candidates)} is a single token of "
                        "this tokenizer; pass refusal_tokens= with words it has")
@@ -480,7 +480,8 @@ class NeuronCard:
     """Everything :func:`neuron_card` found about one neuron.
 
     Attributes:
-        neuron: The neuron (with its circuit delta if it came from a circuit).
+        neuron: The neuron, with its circuit delta if it came from a circuit (or a Neuron),
+            else the delta measured on the card's prompts.
         activations: One row per prompt: ``prompt``, ``set``, ``activation`` (last token).
         top_prompts: See :func:`top_prompts`.
         logit_lens: See :func:`logit_lens`.
@@ -575,6 +576,9 @@ def neuron_card(
                            f"needs >= {MIN_PER_SET} per set for its distribution plot")
     pos = _neuron_values(model, n, positive, batch_size)
     neg = _neuron_values(model, n, negative, batch_size)
+    if not isinstance(circuit_or_neuron, (Circuit, Neuron)):  # no delta given: measure it
+        delta = sum(pos) / len(pos) - sum(neg) / len(neg)
+        n = Neuron(n.layer, n.neuron, float(delta))
     acts = pd.DataFrame({"prompt": positive + negative,
                          "set": [names[0]] * len(pos) + [names[1]] * len(neg),
                          "activation": pos + neg})
