@@ -188,7 +188,7 @@ def activation_cache(
     if stop_at is None and stop_name in model.hook_dict:  # the last layer: stop after its MLP
 
         def stop(act: Tensor, hook: Any) -> None:
-            raise StopAtLayerException(None)
+            raise StopAtLayerException(act)
 
         stop_hooks = [(stop_name, stop)]
 
@@ -223,13 +223,17 @@ def activation_cache(
                 real = batch.attention_mask.to(act.device).bool()[..., None]
                 rows[name][dev_idx, width - w:] = torch.where(real, act, act.new_zeros(()))
     out = ActivationCache(rows, model, has_batch_dim=True)
-    out.input_ids = input_ids
-    out.attention_mask = mask
-    out.str_tokens = [_decode_tokens(model, ids[m.bool()].tolist())
-                      for ids, m in zip(input_ids, mask, strict=True)]
-    out.prompts = prompts
-    out.layers = layers
-    out.positions = positions
+    extras = {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "str_tokens": [_decode_tokens(model, ids[m.bool()].tolist())
+                       for ids, m in zip(input_ids, mask, strict=True)],
+        "prompts": prompts,
+        "layers": layers,
+        "positions": positions,
+    }
+    for key, value in extras.items():  # plain attributes on the TransformerLens object
+        setattr(out, key, value)
     return out
 
 
@@ -376,7 +380,8 @@ def neuron_logits(model: Any, neuron: Any) -> Float[Tensor, " d_vocab"]:
     w_u = _unembedding(model)
     scale, centre = _final_norm_scale(model)
     module, axis = down_projection(model, n.layer)
-    column = module.weight.detach().select(axis, n.neuron).float().cpu()
+    weight: Tensor = module.weight  # type: ignore[assignment]  # checked by down_projection
+    column = weight.detach().select(axis, n.neuron).float().cpu()
     if centre:
         column = column - column.mean()
     return (column * scale.cpu()) @ w_u.float().cpu()
