@@ -66,14 +66,19 @@ from cna_lens.universal import (
 )
 
 # Stages that pull in pandas / plotly / the organism data load on first use.
-_LAZY_MODULES = ("evaluation", "plots", "figures", "reproduce", "organism", "testing")
+_LAZY_MODULES = ("evaluation", "plots", "figures", "reproduce", "organism", "testing",
+                 "explore", "report")
+# Public names defined in those lazy modules (name -> module).
+_LAZY_NAMES = {"activation_cache": "explore", "neuron_card": "explore",
+               "NeuronCard": "explore", "circuit_map": "explore"}
 
 
 def __getattr__(name: str):
-    if name in _LAZY_MODULES:
+    if name in _LAZY_MODULES or name in _LAZY_NAMES:
         import importlib
 
-        return importlib.import_module(f"cna_lens.{name}")
+        module = importlib.import_module(f"cna_lens.{_LAZY_NAMES.get(name, name)}")
+        return getattr(module, name) if name in _LAZY_NAMES else module
     raise AttributeError(f"module 'cna_lens' has no attribute {name!r}")
 
 
@@ -82,6 +87,7 @@ __all__ = [
     "BakedWeights",
     "CAAVectors",
     "LayerDistribution",
+    "NeuronCard",
     "Overlap",
     "Stability",
     "bake",
@@ -90,6 +96,7 @@ __all__ = [
     "caa_generate",
     "caa_steer",
     "chance_intersection",
+    "circuit_map",
     "circuit_overlap",
     "compute_caa",
     "discover_distributed",
@@ -110,6 +117,7 @@ __all__ = [
     "TokenBatch",
     "UniversalNeurons",
     "__version__",
+    "activation_cache",
     "activation_stats",
     "attribute",
     "circuit_from_attribution",
@@ -128,6 +136,7 @@ __all__ = [
     "mlp_hook_names",
     "model_fingerprint",
     "model_id",
+    "neuron_card",
     "prompt_set_hash",
     "resolve_k",
     "select_top_k",
