@@ -94,9 +94,13 @@ class LayerParams:
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device=device, dtype=dtype)
 
-        return LayerParams(self.index.to(device), move(self.multiplier),  # type: ignore[arg-type]
-                           move(self.delta), move(self.mean_positive),  # type: ignore[arg-type]
-                           move(self.mean_negative))
+        return LayerParams(
+            self.index.to(device),
+            move(self.multiplier),  # type: ignore[arg-type]
+            move(self.delta),
+            move(self.mean_positive),  # type: ignore[arg-type]
+            move(self.mean_negative),
+        )
 
 
 InterventionFn = Callable[[Tensor, LayerParams], Tensor]
@@ -131,8 +135,9 @@ INTERVENTIONS = MappingProxyType(_REGISTRY)
 """Registered interventions by name (read-only view; add with :func:`register_intervention`)."""
 
 
-def register_intervention(name: str, fn: InterventionFn, *, requires: Sequence[str] = (),
-                          overwrite: bool = False) -> Intervention:
+def register_intervention(
+    name: str, fn: InterventionFn, *, requires: Sequence[str] = (), overwrite: bool = False
+) -> Intervention:
     """Register ``fn(act, params) -> new_act`` as the intervention ``name``.
 
     ``fn`` must be the identity at multiplier 1 (neurons at 1 are skipped anyway) and must
@@ -147,15 +152,17 @@ def register_intervention(name: str, fn: InterventionFn, *, requires: Sequence[s
     if not isinstance(name, str) or not name.strip():
         raise CNAError(f"intervention name must be a non-empty string, got {name!r}")
     if not callable(fn):
-        raise CNAError(f"intervention {name!r} must be callable (act, params) -> act, "
-                       f"got {fn!r}")
+        raise CNAError(f"intervention {name!r} must be callable (act, params) -> act, got {fn!r}")
     bad = [r for r in requires if r not in NEURON_FIELDS]
     if bad:
-        raise CNAError(f"intervention {name!r} requires unknown neuron fields {bad}; valid: "
-                       f"{list(NEURON_FIELDS)}")
+        raise CNAError(
+            f"intervention {name!r} requires unknown neuron fields {bad}; valid: "
+            f"{list(NEURON_FIELDS)}"
+        )
     if name in _REGISTRY and not overwrite:
-        raise CNAError(f"intervention {name!r} is already registered; pass overwrite=True "
-                       "to replace it")
+        raise CNAError(
+            f"intervention {name!r} is already registered; pass overwrite=True to replace it"
+        )
     entry = Intervention(name, fn, tuple(requires))
     _REGISTRY[name] = entry
     return entry
@@ -169,8 +176,10 @@ def get_intervention(name: str) -> Intervention:
     """
     if isinstance(name, str) and name in _REGISTRY:
         return _REGISTRY[name]
-    raise CNAError(f"unknown intervention {name!r}; valid interventions: {sorted(_REGISTRY)} "
-                   "(or register one with cna_lens.register_intervention(name, fn))")
+    raise CNAError(
+        f"unknown intervention {name!r}; valid interventions: {sorted(_REGISTRY)} "
+        "(or register one with cna_lens.register_intervention(name, fn))"
+    )
 
 
 class LayerOp:
@@ -197,8 +206,10 @@ class LayerOp:
         p = self.params_for(act)
         new = self.intervention.fn(act.index_select(-1, p.index), p)
         if new.shape != act.shape[:-1] + p.index.shape:
-            raise CNAError(f"intervention {self.intervention.name!r} returned shape "
-                           f"{list(new.shape)} for input {list(act.shape[:-1]) + [len(p.index)]}")
+            raise CNAError(
+                f"intervention {self.intervention.name!r} returned shape "
+                f"{list(new.shape)} for input {list(act.shape[:-1]) + [len(p.index)]}"
+            )
         return act.index_copy(-1, p.index, new.to(act.dtype))
 
 
@@ -247,18 +258,23 @@ class Steering:
         entry = get_intervention(self.intervention)
         object.__setattr__(self, "multiplier", _check_multiplier("multiplier", self.multiplier))
         if self.negative_multiplier is not None:
-            object.__setattr__(self, "negative_multiplier",
-                               _check_multiplier("negative_multiplier", self.negative_multiplier))
+            object.__setattr__(
+                self,
+                "negative_multiplier",
+                _check_multiplier("negative_multiplier", self.negative_multiplier),
+            )
         if self.sign not in get_args(Sign):
             raise CNAError(f"sign must be one of {list(get_args(Sign))}, got {self.sign!r}")
         if self.positions not in get_args(Positions):
-            raise CNAError(f"positions must be one of {list(get_args(Positions))}, "
-                           f"got {self.positions!r}")
+            raise CNAError(
+                f"positions must be one of {list(get_args(Positions))}, got {self.positions!r}"
+            )
         neg = self.multiplier if self.negative_multiplier is None else self.negative_multiplier
         steered = []
         for n in self.circuit:
-            if (self.sign == "positive" and n.delta <= 0) or (self.sign == "negative"
-                                                              and n.delta >= 0):
+            if (self.sign == "positive" and n.delta <= 0) or (
+                self.sign == "negative" and n.delta >= 0
+            ):
                 continue
             m = neg if n.delta < 0 else self.multiplier
             if m != 1.0:
@@ -270,7 +286,8 @@ class Steering:
                     f"intervention {self.intervention!r} needs each neuron's {missing[0]}, "
                     f"but circuit neuron {n.label} has none (a hand-made circuit or a file "
                     "from an older cna_lens); rediscover the circuit with this version "
-                    "(cna_lens.discover records the set means), or use intervention='scale'")
+                    "(cna_lens.discover records the set means), or use intervention='scale'"
+                )
         object.__setattr__(self, "_steered", tuple(steered))
 
     # ---- views -------------------------------------------------------------------------
@@ -293,6 +310,7 @@ class Steering:
             by_layer.setdefault(n.layer, []).append((n, m))
         out = {}
         for layer, entries in sorted(by_layer.items()):
+
             def vec(values: list[float | None]) -> Tensor | None:
                 if any(v is None for v in values):
                     return None
@@ -322,10 +340,13 @@ class Steering:
             raise CNAError(
                 f"intervention {self.intervention!r} cannot be baked into weights; only "
                 f"{list(BAKEABLE)} fold into the down-projection weights (column scaling). "
-                "Steer with hooks instead (cna_lens.steer / cna_lens.generate)")
+                "Steer with hooks instead (cna_lens.steer / cna_lens.generate)"
+            )
         if self.positions != "all":
-            raise CNAError(f"only positions='all' can be baked (weights do not know "
-                           f"positions), got positions={self.positions!r}")
+            raise CNAError(
+                f"only positions='all' can be baked (weights do not know "
+                f"positions), got positions={self.positions!r}"
+            )
         out: dict[int, Tensor] = {}
         for n, m in self._steered:
             out.setdefault(n.layer, torch.ones(self.circuit.d_mlp, dtype=torch.float32))
@@ -334,9 +355,14 @@ class Steering:
 
     # ---- JSON --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"circuit": self.circuit.to_dict(), "intervention": self.intervention,
-                "multiplier": self.multiplier, "negative_multiplier": self.negative_multiplier,
-                "sign": self.sign, "positions": self.positions}
+        return {
+            "circuit": self.circuit.to_dict(),
+            "intervention": self.intervention,
+            "multiplier": self.multiplier,
+            "negative_multiplier": self.negative_multiplier,
+            "sign": self.sign,
+            "positions": self.positions,
+        }
 
     @classmethod
     def from_dict(cls, d: Any) -> Steering:
@@ -345,8 +371,7 @@ class Steering:
         Raises:
             CNAError: not a mapping, missing circuit, unknown keys, or invalid values.
         """
-        keys = {"circuit", "intervention", "multiplier", "negative_multiplier", "sign",
-                "positions"}
+        keys = {"circuit", "intervention", "multiplier", "negative_multiplier", "sign", "positions"}
         if not isinstance(d, dict) or "circuit" not in d:
             raise CNAError("not a cna_lens steering: expected a JSON object with a 'circuit'")
         unknown = sorted(set(d) - keys)

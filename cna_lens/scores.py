@@ -111,8 +111,10 @@ def get_score(score: str | Score) -> Score:
         return score
     if isinstance(score, str) and score in _REGISTRY:
         return _REGISTRY[score]
-    raise CNAError(f"unknown score {score!r}; valid scores: {sorted(_REGISTRY)} "
-                   "(or register one with cna_lens.register_score(name, fn))")
+    raise CNAError(
+        f"unknown score {score!r}; valid scores: {sorted(_REGISTRY)} "
+        "(or register one with cna_lens.register_score(name, fn))"
+    )
 
 
 def score_name(score: str | Score) -> str:
@@ -126,8 +128,7 @@ def score_name(score: str | Score) -> str:
     return str(getattr(score, "__name__", type(score).__name__))
 
 
-def compute_score(score: str | Score, attribution: Attribution
-                  ) -> Float[Tensor, "n_layers d_mlp"]:
+def compute_score(score: str | Score, attribution: Attribution) -> Float[Tensor, "n_layers d_mlp"]:
     """Run a score on ``attribution`` and check its output (float64, on delta's device).
 
     Raises:
@@ -139,16 +140,22 @@ def compute_score(score: str | Score, attribution: Attribution
     out = fn(attribution)
     shape = attribution.shape
     if not isinstance(out, Tensor):
-        raise CNAError(f"score {name!r} returned {type(out).__name__}, expected a tensor of "
-                       f"shape {list(shape)}")
+        raise CNAError(
+            f"score {name!r} returned {type(out).__name__}, expected a tensor of "
+            f"shape {list(shape)}"
+        )
     if tuple(out.shape) != shape:
-        raise CNAError(f"score {name!r} returned shape {list(out.shape)}, expected "
-                       f"[n_layers, d_mlp] = {list(shape)}")
+        raise CNAError(
+            f"score {name!r} returned shape {list(out.shape)}, expected "
+            f"[n_layers, d_mlp] = {list(shape)}"
+        )
     if out.is_complex() or out.dtype == torch.bool:
         raise CNAError(f"score {name!r} returned dtype {out.dtype}; expected real numbers")
     out = out.to(torch.float64)
     if not torch.isfinite(out).all():
         bad = int((~torch.isfinite(out)).sum())
-        raise CNAError(f"score {name!r} returned {bad} NaN or infinite values; every neuron "
-                       "needs a finite score")
+        raise CNAError(
+            f"score {name!r} returned {bad} NaN or infinite values; every neuron "
+            "needs a finite score"
+        )
     return out
