@@ -65,9 +65,9 @@ class DiscoveryConfig:
 
     fraction: float | None = 0.001
     top_k: int | None = None
-    exclude_layers: tuple[int, ...] = ()
+    exclude_layers: Sequence[int] = ()
     universal_filter: bool = True
-    universal_prompts: tuple[str, ...] | None = None
+    universal_prompts: Sequence[str] | None = None
     universal_top_fraction: float = 0.001
     universal_threshold: float = 0.8
     score: str | Score = "abs_delta"
