@@ -12,7 +12,7 @@ from test_steering import PROMPTS, _hf_scaled_logits, _logits, _n_hooks
 from transformers import AutoModelForCausalLM
 
 import cna_lens
-from cna_lens import CNAError, INTERVENTIONS, Circuit, Neuron, Steering, steer
+from cna_lens import INTERVENTIONS, Circuit, CNAError, Neuron, Steering, steer
 from cna_lens.baking import bake
 from cna_lens.interventions import register_intervention
 
