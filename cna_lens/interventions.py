@@ -96,9 +96,9 @@ class LayerParams:
 
         return LayerParams(
             self.index.to(device),
-            move(self.multiplier),  # type: ignore[arg-type]
-            move(self.delta),
-            move(self.mean_positive),  # type: ignore[arg-type]
+            self.multiplier.to(device=device, dtype=dtype),
+            self.delta.to(device=device, dtype=dtype),
+            move(self.mean_positive),
             move(self.mean_negative),
         )
 
