@@ -35,9 +35,23 @@ from cna_lens.attribution import Attribution, attribute, contrast
 from cna_lens.baking import BakedWeights, bake, bake_, export_steered, steered_hf_model
 from cna_lens.caa import CAAVectors, caa_generate, caa_steer, compute_caa
 from cna_lens.circuit import Circuit, Neuron, Provenance, resolve_k, select_top_k
-from cna_lens.discovery import Discovery, circuit_from_attribution, discover, discover_full
+from cna_lens.discovery import (
+    Discovery,
+    DiscoveryConfig,
+    circuit_from_attribution,
+    discover,
+    discover_full,
+)
 from cna_lens.distributed import discover_distributed
 from cna_lens.errors import CircuitMismatchError, CNAError
+from cna_lens.interventions import (
+    INTERVENTIONS,
+    Intervention,
+    LayerParams,
+    Steering,
+    get_intervention,
+    register_intervention,
+)
 from cna_lens.loading import (
     TokenBatch,
     format_prompt,
@@ -50,6 +64,7 @@ from cna_lens.loading import (
     tokenize_prompts,
     validate_prompts,
 )
+from cna_lens.scores import SCORES, get_score, register_score
 from cna_lens.steering import (
     Positions,
     SteeringConfig,
@@ -66,11 +81,11 @@ from cna_lens.universal import (
 )
 
 # Stages that pull in pandas / plotly / the organism data load on first use.
-_LAZY_MODULES = ("evaluation", "plots", "figures", "reproduce", "organism", "testing",
-                 "explore", "report")
+_LAZY_MODULES = ("dose", "evaluation", "plots", "figures", "reproduce", "organism", "testing",
+                 "explore", "report", "prompt_sets", "zoo", "summary")
 # Public names defined in those lazy modules (name -> module).
 _LAZY_NAMES = {"activation_cache": "explore", "neuron_card": "explore",
-               "NeuronCard": "explore", "circuit_map": "explore"}
+               "NeuronCard": "explore", "circuit_map": "explore", "sweep": "dose"}
 
 
 def __getattr__(name: str):
@@ -83,6 +98,17 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "INTERVENTIONS",
+    "SCORES",
+    "DiscoveryConfig",
+    "Intervention",
+    "LayerParams",
+    "Steering",
+    "get_intervention",
+    "get_score",
+    "register_intervention",
+    "register_score",
+    "sweep",
     "Attribution",
     "BakedWeights",
     "CAAVectors",

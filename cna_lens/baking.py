@@ -53,7 +53,8 @@ from torch import Tensor, nn
 
 from cna_lens.circuit import Circuit
 from cna_lens.errors import CNAError
-from cna_lens.steering import SteeringConfig, layer_scales
+from cna_lens.interventions import Steering
+from cna_lens.steering import SteeringConfig, as_steering, layer_scales
 
 __all__ = ["BakedWeights", "bake", "bake_", "down_projection", "export_steered",
            "steered_hf_model"]
@@ -178,8 +179,8 @@ def _check_config(multiplier: float, negative_multiplier: float | None) -> Steer
 
 def bake_(
     model: Any,
-    circuit: Circuit,
-    multiplier: float = 0.0,
+    circuit: Circuit | Steering,
+    multiplier: float | None = None,
     *,
     negative_multiplier: float | None = None,
 ) -> BakedWeights:
@@ -187,20 +188,26 @@ def bake_(
 
     Args:
         model: A bridge from :func:`cna_lens.load_model`.
-        circuit: The neurons to scale; validated against ``model``.
-        multiplier: 0 ablates, 1 is the unchanged model, > 1 amplifies.
+        circuit: The neurons to scale; validated against ``model``. Or a
+            :class:`~cna_lens.Steering` with a bakeable intervention (only ``"scale"``:
+            see :data:`cna_lens.interventions.BAKEABLE`), any sign selection, and
+            ``positions="all"``.
+        multiplier: 0 ablates (default), 1 is the unchanged model, > 1 amplifies.
         negative_multiplier: Separate factor for neurons with delta < 0 (default: same).
 
     Returns:
         A :class:`BakedWeights` handle holding copies of the touched columns.
 
     Raises:
-        CNAError: non-finite multiplier, or a layer whose down projection cannot be baked.
+        CNAError: non-finite multiplier, an intervention that does not fold into weights
+            (e.g. ``"mean"``), or a layer whose down projection cannot be baked.
         CircuitMismatchError: the circuit was made for another model.
     """
-    config = _check_config(multiplier, negative_multiplier)
+    steering = as_steering(circuit, multiplier, negative_multiplier)
+    scales = steering.scale_vectors()  # refuses interventions that do not bake
+    config = _check_config(steering.multiplier, steering.negative_multiplier)
+    circuit = steering.circuit
     circuit.validate(model)
-    scales = {} if config.is_identity else layer_scales(circuit, config)
     # Resolve every layer before touching any weight, so a failure changes nothing.
     targets = {layer: down_projection(model, layer) for layer in sorted(scales)}
     handle = BakedWeights(config, circuit)
@@ -216,8 +223,8 @@ def bake_(
 @contextmanager
 def bake(
     model: Any,
-    circuit: Circuit,
-    multiplier: float = 0.0,
+    circuit: Circuit | Steering,
+    multiplier: float | None = None,
     *,
     negative_multiplier: float | None = None,
 ) -> Iterator[BakedWeights]:
@@ -228,12 +235,14 @@ def bake(
 
     Args:
         model: A bridge from :func:`cna_lens.load_model`.
-        circuit: The neurons to scale; validated against ``model``.
-        multiplier: 0 ablates, 1 is the unchanged model, > 1 amplifies.
+        circuit: The neurons to scale; validated against ``model``. Or a
+            :class:`~cna_lens.Steering` with a bakeable intervention (see :func:`bake_`).
+        multiplier: 0 ablates (default), 1 is the unchanged model, > 1 amplifies.
         negative_multiplier: Separate factor for neurons with delta < 0 (default: same).
 
     Raises:
-        CNAError: non-finite multiplier, or a layer whose down projection cannot be baked.
+        CNAError: non-finite multiplier, an intervention that does not fold into weights
+            (e.g. ``"mean"``), or a layer whose down projection cannot be baked.
         CircuitMismatchError: the circuit was made for another model.
 
     Example:

@@ -36,11 +36,18 @@ def _package_version() -> str:
 
 @dataclass(frozen=True, order=True)
 class Neuron:
-    """One circuit neuron: MLP ``layer``, ``neuron`` index in it, and its ``delta``."""
+    """One circuit neuron: MLP ``layer``, ``neuron`` index in it, and its ``delta``.
+
+    ``mean_positive`` and ``mean_negative`` are its mean activations on the two discovery
+    sets (None when unknown, e.g. hand-made circuits or files from older versions); the
+    ``"mean"`` intervention needs ``mean_negative``.
+    """
 
     layer: int
     neuron: int
     delta: float = 0.0
+    mean_positive: float | None = None
+    mean_negative: float | None = None
 
     @property
     def label(self) -> str:
@@ -71,6 +78,7 @@ class Provenance:
     negative_hash: str | None = None
     n_positive: int | None = None
     n_negative: int | None = None
+    score: str = "abs_delta"
     package_version: str = field(default_factory=_package_version)
 
     def __post_init__(self) -> None:
@@ -119,6 +127,10 @@ class Circuit:
                 raise CNAError(f"{n.label}: neuron {n.neuron} out of range [0, {self.d_mlp})")
             if not math.isfinite(n.delta):
                 raise CNAError(f"{n.label}: delta must be finite, got {n.delta}")
+            for name in ("mean_positive", "mean_negative"):
+                value = getattr(n, name)
+                if value is not None and not math.isfinite(value):
+                    raise CNAError(f"{n.label}: {name} must be finite or None, got {value}")
             if (n.layer, n.neuron) in seen:
                 raise CNAError(f"{n.label} appears twice in the circuit")
             seen.add((n.layer, n.neuron))
@@ -187,9 +199,7 @@ class Circuit:
             "format_version": FORMAT_VERSION,
             "n_layers": self.n_layers,
             "d_mlp": self.d_mlp,
-            "neurons": [
-                {"layer": n.layer, "neuron": n.neuron, "delta": n.delta} for n in self.neurons
-            ],
+            "neurons": [_neuron_dict(n) for n in self.neurons],
             "provenance": {k: (list(v) if isinstance(v, tuple) else v)
                            for k, v in asdict(self.provenance).items()},
         }
@@ -209,7 +219,8 @@ class Circuit:
                            f"supported; this cna_lens reads version {FORMAT_VERSION}")
         try:
             neurons = tuple(
-                Neuron(_int(e["layer"]), _int(e["neuron"]), float(e["delta"]))
+                Neuron(_int(e["layer"]), _int(e["neuron"]), float(e["delta"]),
+                       *(_opt_float(e.get(k)) for k in ("mean_positive", "mean_negative")))
                 for e in d["neurons"]
             )
             return cls(neurons, _int(d["n_layers"]), _int(d["d_mlp"]),
@@ -262,6 +273,19 @@ class Circuit:
                    provenance or Provenance())
 
 
+def _neuron_dict(n: Neuron) -> dict[str, Any]:
+    """JSON entry of a neuron; the means only when known, so old readers see old files."""
+    d: dict[str, Any] = {"layer": n.layer, "neuron": n.neuron, "delta": n.delta}
+    for k in ("mean_positive", "mean_negative"):
+        if getattr(n, k) is not None:
+            d[k] = getattr(n, k)
+    return d
+
+
+def _opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
 def _int(x: Any) -> int:
     if isinstance(x, bool) or not isinstance(x, int):
         raise TypeError(f"expected an integer, got {x!r}")
@@ -304,8 +328,9 @@ def select_top_k(
     exclude_layers: Sequence[int] = (),
     exclude: Bool[Tensor, "n_layers d_mlp"] | None = None,
     provenance: Provenance | None = None,
+    score: Float[Tensor, "n_layers d_mlp"] | None = None,
 ) -> Circuit:
-    """The top-k neurons by |delta| across all layers, sign kept, in rank order.
+    """The top-k neurons by |delta| (or by ``score``) across all layers, sign kept, in rank order.
 
     Ties are broken by the lower (layer, neuron) index, so the result is deterministic.
 
@@ -317,9 +342,12 @@ def select_top_k(
         exclude: Neurons never to select (e.g. universal neurons).
         provenance: Recorded on the circuit; ``rule``, ``fraction``, ``k`` and
             ``exclude_layers`` are filled in.
+        score: What to rank by (default ``|delta|``; see :mod:`cna_lens.scores`); the
+            neurons still record their signed delta.
 
     Raises:
-        CNAError: bad k or fraction, a non-finite delta, or a layer index out of range.
+        CNAError: bad k or fraction, a non-finite delta or score, or a layer index out of
+            range.
     """
     n_layers, d_mlp = delta.shape
     if not torch.isfinite(delta).all():
@@ -335,8 +363,14 @@ def select_top_k(
         allowed &= ~exclude.to(delta.device)
     n_total = n_layers * d_mlp
     k = resolve_k(int(allowed.sum()), n_total, fraction=fraction, top_k=top_k)
-    score = torch.where(allowed, delta.abs().to(torch.float64),
-                        torch.full_like(delta, -1.0, dtype=torch.float64)).flatten()
+    if score is None:
+        score = delta.abs()
+    elif tuple(score.shape) != (n_layers, d_mlp) or not torch.isfinite(score).all():
+        raise CNAError(f"score must be a finite tensor of shape {[n_layers, d_mlp]}, got "
+                       f"{list(score.shape)}")
+    # Excluded neurons rank below every allowed one (k never exceeds the allowed count).
+    score = torch.where(allowed, score.to(device=delta.device, dtype=torch.float64),
+                        torch.full_like(delta, -math.inf, dtype=torch.float64)).flatten()
     order = torch.sort(score, descending=True, stable=True).indices[:k].tolist()
     flat = delta.flatten().tolist()
     neurons = tuple(Neuron(i // d_mlp, i % d_mlp, float(flat[i])) for i in order)

@@ -1,4 +1,5 @@
-"""The ``cna-lens`` command line: discover, generate, info (and the organism and reproduce jobs).
+"""The ``cna-lens`` command line: discover, generate, info (and the organism, reproduce and
+dose-response sweep jobs).
 
 The CLI owns the terminal: progress bars are on, results are printed as tables, and a
 :class:`~cna_lens.errors.CNAError` becomes a one-line message and exit status 2.
@@ -75,7 +76,7 @@ def _cmd_discover(args: argparse.Namespace) -> int:
         fraction=None if args.top_k is not None else args.fraction,
         top_k=args.top_k, exclude_layers=args.exclude_layers,
         universal_filter=not args.no_universal_filter, universal_prompts=universal,
-        batch_size=args.batch_size, progress=True,
+        score=args.score, batch_size=args.batch_size, progress=True,
     )
     circuit.save(args.out)
     counts = circuit.per_layer_counts()
@@ -90,16 +91,19 @@ def _cmd_discover(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from cna_lens.circuit import Circuit
+    from cna_lens.interventions import Steering
     from cna_lens.steering import generate
 
     prompts = read_prompts(args.prompts, column=args.prompt_column)
     circuit = Circuit.load(args.circuit) if args.circuit else None
     if circuit is None and args.multiplier != 1.0:
         raise CNAError("--multiplier needs --circuit (which neurons to scale)")
+    steering = None if circuit is None else Steering(
+        circuit=circuit, intervention=args.intervention, multiplier=args.multiplier,
+        negative_multiplier=args.negative_multiplier, sign=args.sign, positions=args.positions)
     model = _load(args)
     texts = generate(
-        model, prompts, circuit=circuit, multiplier=args.multiplier,
-        negative_multiplier=args.negative_multiplier, positions=args.positions,
+        model, prompts, steering=steering,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True,
     )
     rows = [{"prompt": p, "output": t, "multiplier": args.multiplier if circuit else None,
@@ -171,6 +175,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., in
                    help="keep universal neurons in the circuit")
     p.add_argument("--universal-prompts", default=None,
                    help="diverse prompts for the universal filter (default: shipped set)")
+    p.add_argument("--score", default="abs_delta",
+                   help="neuron score for selection: abs_delta (the paper's, default), "
+                        "effect_size, or a registered name")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--show", type=int, default=20, help="rows of the circuit table to print")
     p.add_argument("--out", required=True, help="circuit JSON to write")
@@ -186,6 +193,11 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., in
     p.add_argument("--negative-multiplier", type=float, default=None,
                    help="separate multiplier for negative-delta neurons")
     p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"])
+    p.add_argument("--intervention", default="scale",
+                   help="scale (act * m, default) or mean (negative-set mean + m * (act - "
+                        "mean)), or a registered name")
+    p.add_argument("--sign", default="both", choices=["both", "positive", "negative"],
+                   help="steer neurons with delta > 0, < 0, or both (default)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="write results as JSON lines")
@@ -211,7 +223,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., in
 
 def _add_optional_commands(sub: Any, handlers: dict[str, Callable[..., int]]) -> None:
     """Commands of the organism and reproduction stages (registered by those modules)."""
-    for module_name in ("cna_lens.organism.cli", "cna_lens.reproduce"):
+    for module_name in ("cna_lens.organism.cli", "cna_lens.reproduce", "cna_lens.dose"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as exc:

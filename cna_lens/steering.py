@@ -1,19 +1,20 @@
-"""Steering: scale circuit neurons at ``blocks.{L}.mlp.hook_post`` and generate text.
+"""Steering: change circuit neurons at ``blocks.{L}.mlp.hook_post`` and generate text.
 
 ``steer`` is a context manager that multiplies each circuit neuron's activation by ``m``
-(``m = 0`` ablates, ``m = 1`` leaves the model bit-identical, ``m > 1`` amplifies), with
-one hook per layer, registered through TransformerLens hook points and always removed
-when the context exits, exception or not. ``generate`` runs batched, left-padded,
+(``m = 0`` ablates, ``m = 1`` leaves the model bit-identical, ``m > 1`` amplifies), or
+applies another intervention (:mod:`cna_lens.interventions`, passed as one
+:class:`~cna_lens.Steering` value), with one hook per layer, registered through
+TransformerLens hook points and always removed when the context exits, exception or not. ``generate`` runs batched, left-padded,
 KV-cached generation (greedy by default) under such a context and returns the texts.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 from jaxtyping import Float
@@ -22,12 +23,11 @@ from tqdm.auto import tqdm
 
 from cna_lens.circuit import Circuit
 from cna_lens.errors import CNAError
+from cna_lens.interventions import Positions, Steering
 from cna_lens.loading import MLP_HOOK, PromptList, _pad_id, tokenize_prompts
 
-__all__ = ["Positions", "SteeringConfig", "generate", "generate_token_ids", "layer_scales",
-           "steer"]
-
-Positions = Literal["all", "prompt", "generated"]
+__all__ = ["Positions", "Steering", "SteeringConfig", "generate", "generate_token_ids",
+           "layer_scales", "steer"]
 
 
 def _check_multiplier(name: str, value: Any) -> float:
@@ -79,16 +79,32 @@ def layer_scales(circuit: Circuit, config: SteeringConfig) -> dict[int, Float[Te
     return scales
 
 
-class _LayerHook:
-    """Scales one layer's neurons; tracks positions across incremental decoding calls.
+class _ScaleOp:
+    """``act * scale`` with the scale moved to the activation's device/dtype once."""
 
-    The activation is never written in place: the hook returns ``act * scale`` (a new
-    tensor), so a cache that captured ``act`` earlier in the same forward pass stays intact.
-    """
-
-    def __init__(self, scale: Tensor, positions: Positions, prompt_length: int | None):
+    def __init__(self, scale: Tensor):
         self.scale_cpu = scale
         self._scale: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def __call__(self, act: Tensor) -> Tensor:
+        key = (act.device, act.dtype)
+        if key not in self._scale:
+            self._scale[key] = self.scale_cpu.to(device=act.device, dtype=act.dtype)
+        return act * self._scale[key]
+
+
+class _LayerHook:
+    """Applies one layer's op (an intervention, or a scale vector); tracks positions across
+    incremental decoding calls.
+
+    The activation is never written in place: the op returns a new tensor, so a cache
+    that captured ``act`` earlier in the same forward pass stays intact. The op's index
+    and value tensors are precomputed (:class:`cna_lens.interventions.LayerOp`).
+    """
+
+    def __init__(self, op: Tensor | Callable[[Tensor], Tensor], positions: Positions | str,
+                 prompt_length: int | None):
+        self.op = _ScaleOp(op) if isinstance(op, Tensor) else op
         self.positions = positions
         self.prompt_length = prompt_length
         self.seen = 0
@@ -96,16 +112,9 @@ class _LayerHook:
     def reset(self) -> None:
         self.seen = 0
 
-    def _scale_for(self, act: Tensor) -> Tensor:
-        key = (act.device, act.dtype)
-        if key not in self._scale:
-            self._scale[key] = self.scale_cpu.to(device=act.device, dtype=act.dtype)
-        return self._scale[key]
-
     def __call__(self, act: Tensor, hook: Any) -> Tensor:
-        scale = self._scale_for(act)
         if self.positions == "all":
-            return act * scale
+            return self.op(act)
         start, n = self.seen, act.shape[-2]
         self.seen += n
         if self.prompt_length is None:
@@ -115,17 +124,20 @@ class _LayerHook:
         if self.positions == "generated":
             selected = ~selected
         if bool(selected.all()):
-            return act * scale
+            return self.op(act)
         if not bool(selected.any()):
             return act
-        return torch.where(selected[:, None], act * scale, act)
+        return torch.where(selected[:, None], self.op(act), act)
 
 
 class SteeringHandle:
-    """What ``steer`` yields: the config, and ``reset()`` to start a new generation."""
+    """What ``steer`` yields: the config (and the full ``steering``), and ``reset()`` to
+    start a new generation."""
 
-    def __init__(self, config: SteeringConfig, hooks: list[_LayerHook]):
+    def __init__(self, config: SteeringConfig, hooks: list[_LayerHook],
+                 steering: Steering | None = None):
         self.config = config
+        self.steering = steering
         self._hooks = hooks
 
     def reset(self) -> None:
@@ -135,50 +147,85 @@ class SteeringHandle:
             h.reset()
 
 
+def as_steering(
+    circuit: Circuit | Steering,
+    multiplier: float | None = None,
+    negative_multiplier: float | None = None,
+    positions: Positions | str | None = None,
+) -> Steering:
+    """A :class:`Steering` from either one, or a circuit and the old keyword arguments.
+
+    Raises:
+        CNAError: a Steering together with multiplier/negative_multiplier/positions.
+    """
+    if isinstance(circuit, Steering):
+        given = [name for name, v in (("multiplier", multiplier),
+                                      ("negative_multiplier", negative_multiplier),
+                                      ("positions", positions)) if v is not None]
+        if given:
+            raise CNAError(f"pass either a Steering or a circuit with {given}, not both; set "
+                           "them on the Steering (dataclasses.replace(steering, ...))")
+        return circuit
+    return Steering(circuit=circuit, multiplier=0.0 if multiplier is None else multiplier,
+                    negative_multiplier=negative_multiplier,
+                    positions="all" if positions is None else positions)
+
+
 @contextmanager
 def steer(
     model: Any,
-    circuit: Circuit,
-    multiplier: float = 0.0,
+    circuit: Circuit | Steering,
+    multiplier: float | None = None,
     *,
     negative_multiplier: float | None = None,
-    positions: Positions | str = "all",
+    positions: Positions | str | None = None,
     prompt_length: int | None = None,
 ) -> Iterator[SteeringHandle]:
-    """Scale the circuit's neurons by ``multiplier`` inside the ``with`` block.
+    """Steer the circuit's neurons inside the ``with`` block.
+
+    ``steer(model, Steering(...))`` applies any intervention with sign selection;
+    ``steer(model, circuit, m)`` scales the circuit by ``m`` (the paper's intervention).
 
     Args:
         model: A bridge from :func:`cna_lens.load_model`.
-        circuit: The neurons to scale; validated against ``model``.
-        multiplier: 0 ablates, 1 is the unchanged model, > 1 amplifies.
+        circuit: A :class:`~cna_lens.Steering`, or the neurons to scale; validated
+            against ``model``.
+        multiplier: 0 ablates (default), 1 is the unchanged model, > 1 amplifies.
         negative_multiplier: Separate factor for neurons with delta < 0.
-        positions: "all", "prompt" or "generated" (see :class:`SteeringConfig`).
+        positions: "all" (default), "prompt" or "generated" (see :class:`SteeringConfig`).
             "prompt"/"generated" count positions across incremental decoding calls, so
             wrap one generation per context (or call ``handle.reset()`` between them).
         prompt_length: Number of prompt positions; default: the first forward pass.
 
     Raises:
-        CNAError: non-finite multiplier or unknown ``positions``.
+        CNAError: non-finite multiplier, unknown ``positions``, intervention or sign, a
+            Steering combined with the keyword form, or an intervention the circuit lacks
+            data for.
         CircuitMismatchError: the circuit was made for another model.
 
     Example:
         >>> with steer(model, circuit, 0.0):  # doctest: +SKIP
         ...     logits = model(tokens)
+        >>> with steer(model, Steering(circuit=circuit, intervention="mean",  # doctest: +SKIP
+        ...                            multiplier=0.0, sign="positive")):
+        ...     logits = model(tokens)
     """
-    config = SteeringConfig(multiplier=multiplier, negative_multiplier=negative_multiplier,
-                            positions=positions)
-    circuit.validate(model)
+    steering = as_steering(circuit, multiplier, negative_multiplier, positions)
+    config = SteeringConfig(multiplier=steering.multiplier,
+                            negative_multiplier=steering.negative_multiplier,
+                            positions=steering.positions)
+    steering.circuit.validate(model)
     hooks: list[_LayerHook] = []
     fwd_hooks = []
-    if not config.is_identity:
-        for layer, scale in sorted(layer_scales(circuit, config).items()):
-            hook = _LayerHook(scale, config.positions, prompt_length)
-            hooks.append(hook)
-            fwd_hooks.append((MLP_HOOK.format(layer=layer), hook))
+    # An identity steering (m = 1, or no neuron of the selected sign) registers no hook.
+    for layer, op in steering.layer_ops().items():
+        hook = _LayerHook(op, steering.positions, prompt_length)
+        hooks.append(hook)
+        fwd_hooks.append((MLP_HOOK.format(layer=layer), hook))
     # model.hooks() registers inside its try block and removes exactly the handles it added
     # in its finally block, so a failure half-way through adding or running leaves no hook.
     with model.hooks(fwd_hooks=fwd_hooks):
-        yield SteeringHandle(config, hooks)
+        yield SteeringHandle(config, hooks, steering)
 
 
 def _eos_ids(model: Any) -> list[int]:
@@ -202,6 +249,7 @@ def generate_token_ids(
     multiplier: float = 1.0,
     negative_multiplier: float | None = None,
     positions: Positions | str = "all",
+    steering: Steering | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
     do_sample: bool = False,
@@ -218,8 +266,16 @@ def generate_token_ids(
         raise CNAError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     SteeringConfig(multiplier=multiplier, negative_multiplier=negative_multiplier,
                    positions=positions)  # validate before any work
-    if circuit is not None:
-        circuit.validate(model)
+    if steering is not None:
+        if circuit is not None or multiplier != 1.0 or negative_multiplier is not None or (
+                positions != "all"):
+            raise CNAError("pass either steering=Steering(...) or circuit=/multiplier=/"
+                           "negative_multiplier=/positions=, not both")
+    elif circuit is not None:
+        steering = Steering(circuit=circuit, multiplier=multiplier,
+                            negative_multiplier=negative_multiplier, positions=positions)
+    if steering is not None:
+        steering.circuit.validate(model)
     batches = tokenize_prompts(model, prompts, batch_size=batch_size,
                                max_new_tokens=max_new_tokens)
     eos = _eos_ids(model)
@@ -241,11 +297,7 @@ def generate_token_ids(
                leave=False)
     try:
         for batch in batches:
-            if circuit is None:
-                ctx = steer_nothing(model)
-            else:
-                ctx = steer(model, circuit, multiplier, negative_multiplier=negative_multiplier,
-                            positions=positions)
+            ctx = steer_nothing(model) if steering is None else steer(model, steering)
             with ctx, torch.inference_mode():
                 out = model.original_model.generate(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs
@@ -275,6 +327,7 @@ def generate(
     multiplier: float = 1.0,
     negative_multiplier: float | None = None,
     positions: Positions | str = "all",
+    steering: Steering | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
     do_sample: bool = False,
@@ -295,6 +348,9 @@ def generate(
         multiplier: Scale for circuit neurons (0 ablates, 1 unchanged, > 1 amplifies).
         negative_multiplier: Separate scale for negative-delta neurons.
         positions: "all", "prompt" or "generated".
+        steering: Instead of ``circuit``/``multiplier``/``negative_multiplier``/
+            ``positions``, one :class:`~cna_lens.Steering` (any intervention, sign
+            selection).
         max_new_tokens: Tokens to generate at most.
         batch_size: Prompts per batch.
         do_sample: Sample instead of greedy decoding.
@@ -312,7 +368,7 @@ def generate(
     """
     ids = generate_token_ids(
         model, prompts, circuit=circuit, multiplier=multiplier,
-        negative_multiplier=negative_multiplier, positions=positions,
+        negative_multiplier=negative_multiplier, positions=positions, steering=steering,
         max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
         temperature=temperature, top_p=top_p, seed=seed, progress=progress,
     )

@@ -96,8 +96,11 @@ def test_json_round_trip_is_equal(tmp_path, llama, prompts):
     back = Circuit.load(path)
     assert back == c
     data = json.loads(path.read_text())
-    assert data["neurons"][0] == {"layer": c.neurons[0].layer, "neuron": c.neurons[0].neuron,
-                                  "delta": c.neurons[0].delta}
+    n0 = c.neurons[0]
+    assert data["neurons"][0] == {"layer": n0.layer, "neuron": n0.neuron, "delta": n0.delta,
+                                  "mean_positive": n0.mean_positive,
+                                  "mean_negative": n0.mean_negative}
+    assert n0.mean_positive - n0.mean_negative == pytest.approx(n0.delta, abs=1e-12)
     prov = data["provenance"]
     for key in ("model_id", "fingerprint", "hook", "k", "universal_removed", "positive_hash",
                 "negative_hash", "package_version", "universal_threshold"):
@@ -155,3 +158,16 @@ def test_views():
     assert c.pairs == {(1, 2), (0, 3)}
     assert c.mask().sum() == 2 and c.mask()[1, 2]
     assert c.top(1).labels == ["L1N2"]
+
+
+def test_old_files_without_means_or_score_load(llama, prompts):
+    pos, neg = prompts
+    c = cna_lens.discover(llama, pos, neg, top_k=3, universal_filter=False)
+    data = c.to_dict()
+    for entry in data["neurons"]:
+        del entry["mean_positive"], entry["mean_negative"]
+    del data["provenance"]["score"]
+    old = Circuit.from_dict(data)
+    assert [n.mean_negative for n in old] == [None] * 3
+    assert old.provenance.score == "abs_delta" and old.labels == c.labels
+    assert "mean_negative" not in old.to_dict()["neurons"][0]  # written only when known
