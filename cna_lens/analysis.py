@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from cna_lens._validate import check_int
 from cna_lens.circuit import Circuit, Neuron, Provenance, select_top_k
 from cna_lens.errors import CNAError
 
@@ -335,8 +336,7 @@ def bootstrap_stability(
     if positive.shape[1:] != negative.shape[1:]:
         raise CNAError(f"positive activations are {tuple(positive.shape)} but negative are "
                        f"{tuple(negative.shape)}; the neuron grids must match")
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
-        raise CNAError(f"n_resamples must be a positive integer, got {n_resamples!r}")
+    n_resamples = check_int("n_resamples", n_resamples, low=1)
     if top_k is not None:
         fraction = None
     pos = positive.to(torch.float64)

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from cna_lens._validate import check_int, check_real
 from cna_lens.activations import activation_stats
 from cna_lens.attribution import Attribution
-from cna_lens.circuit import Circuit, Provenance, resolve_k, select_top_k
+from cna_lens.circuit import Circuit, Provenance, check_layers, resolve_k, select_top_k
+from cna_lens.errors import CNAError
 from cna_lens.loading import (
     MLP_HOOK,
     PromptList,
@@ -81,6 +83,7 @@ def discover_full(
     progress: bool = False,
 ) -> Discovery:
     """Like :func:`discover`, but also return the statistics and the universal neurons."""
+    batch_size = check_int("batch_size", batch_size, low=1)
     return discover_with(
         partial(activation_stats, model, batch_size=batch_size, progress=progress),
         model, positive, negative, fraction=fraction, top_k=top_k,
@@ -114,8 +117,16 @@ def discover_with(
     positive = validate_prompts(positive, "positive prompts")
     negative = validate_prompts(negative, "negative prompts")
     n_total = int(model.cfg.n_layers) * int(model.cfg.d_mlp)
-    # Fail on a bad size before any forward pass (re-checked after filtering).
+    # Fail on bad arguments before any forward pass (the size is re-checked after filtering).
     resolve_k(n_total, n_total, fraction=None if top_k is not None else fraction, top_k=top_k)
+    exclude_layers = check_layers("exclude_layers", exclude_layers, int(model.cfg.n_layers))
+    if not isinstance(universal_filter, bool):
+        raise CNAError(f"universal_filter must be True or False, got {universal_filter!r}")
+    if universal_filter:
+        universal_threshold = check_real("universal_threshold", universal_threshold, low=0.0,
+                                         high=1.0, low_open=True)
+        universal_top_fraction = check_real("universal_top_fraction", universal_top_fraction,
+                                            low=0.0, high=1.0, low_open=True)
     pos, _ = stats_fn(positive, desc="positive")
     neg, _ = stats_fn(negative, desc="negative")
     attribution = Attribution(pos, neg)

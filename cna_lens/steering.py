@@ -5,11 +5,24 @@
 one hook per layer, registered through TransformerLens hook points and always removed
 when the context exits, exception or not. ``generate`` runs batched, left-padded,
 KV-cached generation (greedy by default) under such a context and returns the texts.
+
+Positions: with ``positions="prompt"`` or ``"generated"`` a hook counts the positions it
+has seen since the start of a sequence. :func:`generate` starts a new sequence for every
+batch it runs, and resets the counters of every steering context active on the model at
+the start of each batch, including a context the caller opened around the call; so one
+``generate`` call is correct however many batches it makes, and a context can be reused
+across ``generate`` calls. Forward passes you run yourself continue the count: call
+``handle.reset()`` between your own sequences.
+
+Threads: hooks live on the model, so steering contexts are per model and not
+thread-safe. Entering :func:`steer`, :func:`cna_lens.bake` or :func:`generate` on a model
+while another thread is inside one of them on the same model raises :class:`CNAError`;
+use one model per thread.
 """
 
 from __future__ import annotations
 
-import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +33,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from cna_lens import _model_state
+from cna_lens._validate import check_int, check_real
 from cna_lens.circuit import Circuit
 from cna_lens.errors import CNAError
 from cna_lens.loading import MLP_HOOK, PromptList, _pad_id, tokenize_prompts
@@ -31,11 +46,45 @@ Positions = Literal["all", "prompt", "generated"]
 
 
 def _check_multiplier(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CNAError(f"{name} must be a real number, got {value!r}")
-    if not math.isfinite(value):
-        raise CNAError(f"{name} must be finite, got {value!r}")
-    return float(value)
+    return check_real(name, value)
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    """The floating-point dtype the model computes in."""
+    dtype = getattr(getattr(model, "cfg", None), "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return next(model.parameters()).dtype
+    except (AttributeError, StopIteration):
+        return torch.float32
+
+
+def check_fits_dtype(config: SteeringConfig, dtype: torch.dtype) -> None:
+    """Refuse multipliers that are not finite in ``dtype`` (e.g. 1e5 in float16).
+
+    Raises:
+        CNAError: ``|multiplier|`` or ``|negative_multiplier|`` exceeds ``finfo(dtype).max``.
+    """
+    limit = torch.finfo(dtype).max
+    for name, m in (("multiplier", config.multiplier),
+                    ("negative_multiplier", config.negative_multiplier)):
+        if m is not None and abs(m) > limit:
+            raise CNAError(f"{name}={m:g} overflows the model's dtype {dtype} (largest finite "
+                           f"value {limit:g}); choose |{name}| <= {limit:g}")
+
+
+def _check_circuit(circuit: Any) -> Circuit:
+    if not isinstance(circuit, Circuit):
+        raise CNAError(f"circuit must be a cna_lens Circuit (e.g. Circuit.load(path)), got "
+                       f"{type(circuit).__name__} {circuit!r:.60}")
+    return circuit
+
+
+def _check_model(model: Any) -> None:
+    if not hasattr(model, "hooks") or not hasattr(model, "cfg"):
+        raise CNAError(f"model must be a TransformerBridge from cna_lens.load_model, got "
+                       f"{type(model).__name__}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,11 +139,14 @@ class _LayerHook:
         self.scale_cpu = scale
         self._scale: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self.positions = positions
+        self.given_prompt_length = prompt_length
         self.prompt_length = prompt_length
         self.seen = 0
 
     def reset(self) -> None:
+        """Start a new sequence: no position seen, the prompt length not yet known."""
         self.seen = 0
+        self.prompt_length = self.given_prompt_length
 
     def _scale_for(self, act: Tensor) -> Tensor:
         key = (act.device, act.dtype)
@@ -135,6 +187,20 @@ class SteeringHandle:
             h.reset()
 
 
+# The steering contexts open on each model (of one thread: see _model_state), so that
+# generate can start every batch as a new sequence. Nothing is patched onto the model.
+_ACTIVE: weakref.WeakKeyDictionary[Any, list[SteeringHandle]] = weakref.WeakKeyDictionary()
+
+
+def _reset_active(model: Any) -> None:
+    try:
+        handles = list(_ACTIVE.get(model, ()))
+    except TypeError:
+        return
+    for handle in handles:
+        handle.reset()
+
+
 @contextmanager
 def steer(
     model: Any,
@@ -157,17 +223,31 @@ def steer(
             wrap one generation per context (or call ``handle.reset()`` between them).
         prompt_length: Number of prompt positions; default: the first forward pass.
 
+    Steering contexts are per model and not thread-safe: the hooks live on the model, so
+    every thread running it is steered. Entering ``steer`` (or ``bake`` / ``generate``) on
+    a model while another thread is inside one on the same model raises :class:`CNAError`;
+    use one model per thread. Nesting within one thread is fine. ``generate`` inside the
+    context resets the position counters at the start of each of its batches.
+
     Raises:
-        CNAError: non-finite multiplier or unknown ``positions``.
-        CircuitMismatchError: the circuit was made for another model.
+        CNAError: not a circuit, a non-finite multiplier or one that overflows the model's
+            dtype, bad ``prompt_length``, unknown ``positions``, or the model is in use by
+            another thread.
+        CircuitMismatchError: the circuit was made for another model (or has no
+            fingerprint: see :meth:`Circuit.validate`).
 
     Example:
         >>> with steer(model, circuit, 0.0):  # doctest: +SKIP
         ...     logits = model(tokens)
     """
+    _check_model(model)
+    circuit = _check_circuit(circuit)
     config = SteeringConfig(multiplier=multiplier, negative_multiplier=negative_multiplier,
                             positions=positions)
+    if prompt_length is not None:
+        prompt_length = check_int("prompt_length", prompt_length, low=1)
     circuit.validate(model)
+    check_fits_dtype(config, model_dtype(model))
     hooks: list[_LayerHook] = []
     fwd_hooks = []
     if not config.is_identity:
@@ -177,8 +257,14 @@ def steer(
             fwd_hooks.append((MLP_HOOK.format(layer=layer), hook))
     # model.hooks() registers inside its try block and removes exactly the handles it added
     # in its finally block, so a failure half-way through adding or running leaves no hook.
-    with model.hooks(fwd_hooks=fwd_hooks):
-        yield SteeringHandle(config, hooks)
+    handle = SteeringHandle(config, hooks)
+    with _model_state.hold(model, "a steering context"), model.hooks(fwd_hooks=fwd_hooks):
+        active = _ACTIVE.setdefault(model, [])
+        active.append(handle)
+        try:
+            yield handle
+        finally:
+            active.remove(handle)
 
 
 def _eos_ids(model: Any) -> list[int]:
@@ -214,12 +300,22 @@ def generate_token_ids(
 
     See :func:`generate` for the arguments.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise CNAError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    SteeringConfig(multiplier=multiplier, negative_multiplier=negative_multiplier,
-                   positions=positions)  # validate before any work
+    # Validate everything before any work.
+    _check_model(model)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
+    config = SteeringConfig(multiplier=multiplier, negative_multiplier=negative_multiplier,
+                            positions=positions)
+    if not isinstance(do_sample, bool):
+        raise CNAError(f"do_sample must be True or False, got {do_sample!r}")
+    temperature = check_real("temperature", temperature, low=0.0, low_open=True)
+    if top_p is not None:
+        top_p = check_real("top_p", top_p, low=0.0, high=1.0, low_open=True)
+    if seed is not None:
+        seed = check_int("seed", seed, low=0)
     if circuit is not None:
+        circuit = _check_circuit(circuit)
         circuit.validate(model)
+        check_fits_dtype(config, model_dtype(model))
     batches = tokenize_prompts(model, prompts, batch_size=batch_size,
                                max_new_tokens=max_new_tokens)
     eos = _eos_ids(model)
@@ -246,6 +342,7 @@ def generate_token_ids(
             else:
                 ctx = steer(model, circuit, multiplier, negative_multiplier=negative_multiplier,
                             positions=positions)
+            _reset_active(model)  # a new sequence for the caller's steering contexts too
             with ctx, torch.inference_mode():
                 out = model.original_model.generate(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs
@@ -263,8 +360,9 @@ def generate_token_ids(
 
 @contextmanager
 def steer_nothing(model: Any) -> Iterator[None]:
-    """A no-op stand-in for :func:`steer` (the unsteered model)."""
-    yield None
+    """A stand-in for :func:`steer` that steers nothing (but holds the model for this thread)."""
+    with _model_state.hold(model, "generate"):
+        yield None
 
 
 def generate(
@@ -307,7 +405,9 @@ def generate(
         The generated texts (new tokens only, special tokens removed), in prompt order.
 
     Raises:
-        CNAError: bad prompts, multiplier, positions or lengths.
+        CNAError: bad prompts, circuit, multiplier, positions, lengths, sampling arguments
+            (``temperature`` must be > 0, ``top_p`` in (0, 1], ``seed`` >= 0), or the model
+            is in use by another thread.
         CircuitMismatchError: the circuit belongs to another model.
     """
     ids = generate_token_ids(

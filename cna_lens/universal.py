@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from cna_lens._validate import check_real
 from cna_lens.activations import activation_stats
 from cna_lens.errors import CNAError
 from cna_lens.loading import PromptList, prompt_set_hash, validate_prompts
@@ -52,9 +53,8 @@ class UniversalNeurons:
         return int(self.mask.sum())
 
 
-def _check_threshold(threshold: float) -> None:
-    if not 0.0 < threshold <= 1.0:
-        raise CNAError(f"threshold must be in (0, 1], got {threshold!r}")
+def _check_threshold(threshold: float, name: str = "threshold") -> float:
+    return check_real(name, threshold, low=0.0, high=1.0, low_open=True)
 
 
 def universal_from_counts(
@@ -66,7 +66,7 @@ def universal_from_counts(
     prompts_hash: str | None = None,
 ) -> UniversalNeurons:
     """Flag neurons whose top-``top_fraction`` count reaches ``threshold * n_prompts``."""
-    _check_threshold(threshold)
+    threshold = _check_threshold(threshold)
     if n_prompts < 1:
         raise CNAError(f"n_prompts must be >= 1, got {n_prompts}")
     mask = counts.to(torch.float64) >= threshold * n_prompts - 1e-9
@@ -109,7 +109,8 @@ def universal_neurons_from(
     ``stats_fn(prompts, desc=..., top_fraction=...)`` returns ``(stats, top_counts)`` like
     :func:`cna_lens.activation_stats` (or its sharded twin in :mod:`cna_lens.distributed`).
     """
-    _check_threshold(threshold)
+    threshold = _check_threshold(threshold)
+    check_real("top_fraction", top_fraction, low=0.0, high=1.0, low_open=True)
     prompts = validate_prompts(default_universal_prompts() if prompts is None else prompts,
                                "universal prompts")
     _, counts = stats_fn(prompts, desc="universal", top_fraction=top_fraction)
