@@ -301,7 +301,7 @@ def _circuit(model: Any, fraction: float, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     flat = torch.randperm(n_layers * d_mlp, generator=g)[:k].tolist()
     return cl.Circuit(tuple(cl.Neuron(i // d_mlp, i % d_mlp, 1.0) for i in flat), n_layers,
-                      d_mlp)
+                      d_mlp).for_model(model)
 
 
 def bench_steering(model: Any, prompts: list[str], new_tokens: int, rounds: int,

@@ -65,7 +65,7 @@ def check_real(
     """
     bounds = _range_text(low, high, low_open, high_open)
     what = f"{name} must be{bounds} (a finite real number)" if bounds else (
-        f"{name} must be a finite real number")
+        f"{name} must be finite (a real number)")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise CNAError(f"{what}, got {value!r} ({type(value).__name__})")
     try:

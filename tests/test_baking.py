@@ -27,7 +27,7 @@ def _circuit(model, n: int = 12, seed: int = 0) -> Circuit:
     flat = torch.randperm(n_layers * d_mlp, generator=g)[:n].tolist()
     neurons = tuple(Neuron(i // d_mlp, i % d_mlp, (1.0 if k % 2 else -1.0) * (k + 1))
                     for k, i in enumerate(flat))
-    return Circuit(neurons, n_layers, d_mlp)
+    return Circuit(neurons, n_layers, d_mlp).for_model(model)
 
 
 def _batch(model):
@@ -94,7 +94,7 @@ def test_down_projection_axis_indexes_neurons(load, arch):
 
 def test_bake_scales_exactly_the_circuit_columns(llama):
     circuit = Circuit((Neuron(1, 5, 1.0), Neuron(1, 9, -1.0), Neuron(2, 0, 2.0)),
-                      llama.cfg.n_layers, llama.cfg.d_mlp)
+                      llama.cfg.n_layers, llama.cfg.d_mlp).for_model(llama)
     w = {layer: down_projection(llama, layer)[0].weight.detach().clone() for layer in range(3)}
     with bake(llama, circuit, 2.0, negative_multiplier=0.0):
         now = {layer: down_projection(llama, layer)[0].weight.detach().clone()

@@ -21,7 +21,7 @@ def _n_hooks(model) -> int:
 
 def _circuit(model, pairs_deltas) -> Circuit:
     return Circuit(tuple(Neuron(layer, j, d) for layer, j, d in pairs_deltas),
-                   int(model.cfg.n_layers), int(model.cfg.d_mlp))
+                   int(model.cfg.n_layers), int(model.cfg.d_mlp)).for_model(model)
 
 
 def _logits(model, batch):
