@@ -179,8 +179,9 @@ def bench_discovery(model: Any, hf: Any, pos: list[str], neg: list[str], rounds:
 def naive_discovery(model: Any, pos: list[str], neg: list[str], k: int) -> list[tuple[int, int]]:
     """What the public reference code does: batch 1, per-neuron Python loop, Python sort."""
     import cna_lens as cl
+    from cna_lens.loading import mlp_hook_names
 
-    names = cl.mlp_hook_names(model)
+    names = mlp_hook_names(model)
     n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
 
     def mean_acts(prompts: list[str]) -> list[list[float]]:

@@ -25,44 +25,35 @@ from cna_lens.analysis import (
     Overlap,
     Stability,
     bootstrap_stability,
-    chance_intersection,
     circuit_overlap,
-    jaccard,
     layer_distribution,
     random_control_circuit,
 )
-from cna_lens.attribution import Attribution, attribute, contrast
+from cna_lens.attribution import Attribution, attribute
 from cna_lens.baking import BakedWeights, bake, bake_, export_steered, steered_hf_model
 from cna_lens.caa import CAAVectors, caa_generate, caa_steer, compute_caa
-from cna_lens.circuit import Circuit, Neuron, Provenance, resolve_k, select_top_k
+from cna_lens.circuit import Circuit, Neuron, Provenance
 from cna_lens.discovery import Discovery, circuit_from_attribution, discover, discover_full
 from cna_lens.distributed import discover_distributed
 from cna_lens.errors import CircuitMismatchError, CNAError
 from cna_lens.loading import (
-    TokenBatch,
-    format_prompt,
     is_chat_model,
     load_model,
-    mlp_hook_names,
     model_fingerprint,
     model_id,
-    prompt_set_hash,
     tokenize_prompts,
-    validate_prompts,
 )
 from cna_lens.steering import (
     Positions,
     SteeringConfig,
     generate,
     generate_token_ids,
-    layer_scales,
     steer,
 )
 from cna_lens.universal import (
     UniversalNeurons,
     default_universal_prompts,
     find_universal_neurons,
-    universal_from_counts,
 )
 
 # Stages that pull in pandas / plotly / the organism data load on first use.
@@ -89,12 +80,10 @@ __all__ = [
     "bootstrap_stability",
     "caa_generate",
     "caa_steer",
-    "chance_intersection",
     "circuit_overlap",
     "compute_caa",
     "discover_distributed",
     "export_steered",
-    "jaccard",
     "layer_distribution",
     "random_control_circuit",
     "steered_hf_model",
@@ -107,32 +96,22 @@ __all__ = [
     "Positions",
     "Provenance",
     "SteeringConfig",
-    "TokenBatch",
     "UniversalNeurons",
     "__version__",
     "activation_stats",
     "attribute",
     "circuit_from_attribution",
-    "contrast",
     "default_universal_prompts",
     "discover",
     "discover_full",
     "find_universal_neurons",
-    "format_prompt",
     "generate",
     "generate_token_ids",
     "is_chat_model",
     "iter_activations",
-    "layer_scales",
     "load_model",
-    "mlp_hook_names",
     "model_fingerprint",
     "model_id",
-    "prompt_set_hash",
-    "resolve_k",
-    "select_top_k",
     "steer",
     "tokenize_prompts",
-    "universal_from_counts",
-    "validate_prompts",
 ]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import cna_lens
-from cna_lens import Circuit, CircuitMismatchError, CNAError, Neuron, select_top_k
+from cna_lens import Circuit, CircuitMismatchError, CNAError, Neuron
+from cna_lens.circuit import select_top_k
 
 
 def test_selection_is_exact_top_k_with_sign():

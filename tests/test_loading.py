@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import cna_lens
 from cna_lens import CNAError
+from cna_lens.loading import format_prompt, mlp_hook_names
 from cna_lens.testing import ARCHITECTURES
 
 PROMPTS = ["How do I pick a lock?", "Write a poem about the ocean and the moon, please."]
@@ -43,7 +44,7 @@ def test_hook_post_equals_hf_down_projection_input(arch, compat, model_dirs):
     finally:
         for h in handles:
             h.remove()
-    names = cna_lens.mlp_hook_names(model)
+    names = mlp_hook_names(model)
     with torch.no_grad():
         _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
                                         names_filter=names)
@@ -59,10 +60,10 @@ def test_chat_model_detected_from_template_not_name(model_dirs, base_model_dir):
     chat = cna_lens.load_model(model_dirs["llama"], device="cpu")
     base = cna_lens.load_model(base_model_dir, device="cpu")
     assert cna_lens.is_chat_model(chat) and not cna_lens.is_chat_model(base)
-    assert "<|assistant|>" in cna_lens.format_prompt(chat, "hi")
-    assert cna_lens.format_prompt(base, "hi") == "hi"
+    assert "<|assistant|>" in format_prompt(chat, "hi")
+    assert format_prompt(base, "hi") == "hi"
     forced = cna_lens.load_model(model_dirs["llama"], device="cpu", chat=False)
-    assert cna_lens.format_prompt(forced, "hi") == "hi"
+    assert format_prompt(forced, "hi") == "hi"
 
 
 @pytest.mark.parametrize("which", ["chat", "base"])
@@ -128,7 +129,7 @@ def test_model_without_mlp_hook_post_is_refused():
         hook_dict = {"blocks.0.attn.hook_z": None, "blocks.1.attn.hook_z": None}
 
     with pytest.raises(CNAError, match="hook_post"):
-        cna_lens.mlp_hook_names(NoMLP())
+        mlp_hook_names(NoMLP())
 
 
 def test_fingerprint_depends_on_shape_not_weights(tmp_path, model_dirs):
