@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, TypeAlias
 
 from cna_lens.errors import CNAError
 
-__all__ = ["check_int", "check_real"]
+__all__ = ["Integral", "Real", "check_int", "check_real"]
+
+Real: TypeAlias = float | numbers.Real
+"""Annotation of a real-number argument: a float, or any numbers.Real such as np.float32
+(checked and converted by :func:`check_real`)."""
+
+Integral: TypeAlias = int | numbers.Integral
+"""Annotation of an integer argument: an int, or any numbers.Integral such as np.int64
+(checked and converted by :func:`check_int`)."""
 
 
 def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:

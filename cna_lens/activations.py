@@ -19,7 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cna_lens._validate import check_real
+from cna_lens._validate import Integral, Real, check_real
 from cna_lens.errors import CNAError
 from cna_lens.loading import PromptList, TokenBatch, mlp_hook_names, tokenize_prompts
 
@@ -34,7 +34,7 @@ def iter_activations(
     model: Any,
     prompts: PromptList,
     *,
-    batch_size: int = 32,
+    batch_size: Integral = 32,
     progress: bool = False,
     desc: str = "activations",
 ) -> Iterator[tuple[TokenBatch, Float[Tensor, "batch n_layers d_mlp"]]]:
@@ -168,10 +168,10 @@ def activation_stats(
     model: Any,
     prompts: PromptList,
     *,
-    batch_size: int = 32,
+    batch_size: Integral = 32,
     progress: bool = False,
     desc: str = "activations",
-    top_fraction: float | None = None,
+    top_fraction: Real | None = None,
 ) -> tuple[NeuronStats, Int[Tensor, "n_layers d_mlp"] | None]:
     """Accumulate last-token activation statistics over ``prompts``.
 

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from cna_lens import _model_state
+from cna_lens._validate import Real
 from cna_lens.circuit import Circuit
 from cna_lens.errors import CNAError
 from cna_lens.steering import SteeringConfig, layer_scales
@@ -220,7 +221,7 @@ def _scale_weight(weight: Tensor, axis: int, scale: Tensor, patches: list[_Patch
         weight.index_copy_(axis, index, scaled)
 
 
-def _check_config(multiplier: float, negative_multiplier: float | None) -> SteeringConfig:
+def _check_config(multiplier: Real, negative_multiplier: Real | None) -> SteeringConfig:
     return SteeringConfig(multiplier=multiplier, negative_multiplier=negative_multiplier,
                           positions="all")
 
@@ -228,9 +229,9 @@ def _check_config(multiplier: float, negative_multiplier: float | None) -> Steer
 def bake_(
     model: Any,
     circuit: Circuit,
-    multiplier: float = 0.0,
+    multiplier: Real = 0.0,
     *,
-    negative_multiplier: float | None = None,
+    negative_multiplier: Real | None = None,
 ) -> BakedWeights:
     """Scale the circuit's down-projection columns in place; undo with ``.restore()``.
 
@@ -281,9 +282,9 @@ def bake_(
 def bake(
     model: Any,
     circuit: Circuit,
-    multiplier: float = 0.0,
+    multiplier: Real = 0.0,
     *,
-    negative_multiplier: float | None = None,
+    negative_multiplier: Real | None = None,
 ) -> Iterator[BakedWeights]:
     """Run the model with the circuit baked into its weights inside the ``with`` block.
 
@@ -338,9 +339,9 @@ def _model_dtype(model: Any) -> torch.dtype:
 def steered_hf_model(
     model_or_dir: Any,
     circuit: Circuit,
-    multiplier: float = 0.0,
+    multiplier: Real = 0.0,
     *,
-    negative_multiplier: float | None = None,
+    negative_multiplier: Real | None = None,
 ) -> Any:
     """A plain ``transformers`` model (no bridge, no hooks) with the circuit baked in.
 
@@ -419,10 +420,10 @@ def _disk_dtype(path: str | os.PathLike[str]) -> torch.dtype:
 def export_steered(
     model_or_dir: Any,
     circuit: Circuit,
-    multiplier: float,
+    multiplier: Real,
     out_dir: str | os.PathLike[str],
     *,
-    negative_multiplier: float | None = None,
+    negative_multiplier: Real | None = None,
 ) -> Path:
     """Write the steered model as a standard Hugging Face directory.
 

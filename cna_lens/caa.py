@@ -25,7 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cna_lens._validate import check_real
+from cna_lens._validate import Integral, check_real
 from cna_lens.errors import CNAError
 from cna_lens.loading import tokenize_prompts, validate_prompts
 
@@ -62,7 +62,7 @@ def residual_means(
     model: Any,
     prompts: Sequence[str],
     *,
-    batch_size: int = 32,
+    batch_size: Integral = 32,
     progress: bool = False,
     desc: str = "residual",
 ) -> Float[Tensor, "n_layers d_model"]:
@@ -128,7 +128,7 @@ def compute_caa(
     positive: Sequence[str],
     negative: Sequence[str],
     *,
-    batch_size: int = 32,
+    batch_size: Integral = 32,
     progress: bool = False,
 ) -> CAAVectors:
     """The CAA vectors of every layer from two prompt sets.

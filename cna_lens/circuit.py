@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from cna_lens._validate import check_int, check_real
+from cna_lens._validate import Integral, Real, check_int, check_real
 from cna_lens.errors import CircuitMismatchError, CNAError
 
 logger = logging.getLogger(__name__)
@@ -479,8 +479,8 @@ def check_layers(name: str, layers: Any, n_layers: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def resolve_k(n_available: int, n_total: int, *, fraction: float | None = None,
-              top_k: int | None = None) -> int:
+def resolve_k(n_available: int, n_total: int, *, fraction: Real | None = None,
+              top_k: Integral | None = None) -> int:
     """The circuit size: ``top_k``, or ``max(1, round(fraction * n_total))``.
 
     Raises:
@@ -505,8 +505,8 @@ def resolve_k(n_available: int, n_total: int, *, fraction: float | None = None,
 def select_top_k(
     delta: Float[Tensor, "n_layers d_mlp"],
     *,
-    fraction: float | None = None,
-    top_k: int | None = None,
+    fraction: Real | None = None,
+    top_k: Integral | None = None,
     exclude_layers: Sequence[int] = (),
     exclude: Bool[Tensor, "n_layers d_mlp"] | None = None,
     provenance: Provenance | None = None,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from cna_lens._validate import check_int, check_real
+from cna_lens._validate import Integral, Real, check_int, check_real
 from cna_lens.activations import activation_stats
 from cna_lens.attribution import Attribution
 from cna_lens.circuit import Circuit, Provenance, check_layers, resolve_k, select_top_k
@@ -40,8 +40,8 @@ class Discovery:
 def circuit_from_attribution(
     attribution: Attribution,
     *,
-    fraction: float | None = 0.001,
-    top_k: int | None = None,
+    fraction: Real | None = 0.001,
+    top_k: Integral | None = None,
     exclude_layers: Sequence[int] = (),
     universal: UniversalNeurons | None = None,
     provenance: Provenance | None = None,
@@ -72,14 +72,14 @@ def discover_full(
     positive: PromptList,
     negative: PromptList,
     *,
-    fraction: float | None = 0.001,
-    top_k: int | None = None,
+    fraction: Real | None = 0.001,
+    top_k: Integral | None = None,
     exclude_layers: Sequence[int] = (),
     universal_filter: bool = True,
     universal_prompts: PromptList | None = None,
-    universal_top_fraction: float = 0.001,
-    universal_threshold: float = 0.8,
-    batch_size: int = 32,
+    universal_top_fraction: Real = 0.001,
+    universal_threshold: Real = 0.8,
+    batch_size: Integral = 32,
     progress: bool = False,
 ) -> Discovery:
     """Like :func:`discover`, but also return the statistics and the universal neurons."""
@@ -99,13 +99,13 @@ def discover_with(
     positive: PromptList,
     negative: PromptList,
     *,
-    fraction: float | None = 0.001,
-    top_k: int | None = None,
+    fraction: Real | None = 0.001,
+    top_k: Integral | None = None,
     exclude_layers: Sequence[int] = (),
     universal_filter: bool = True,
     universal_prompts: PromptList | None = None,
-    universal_top_fraction: float = 0.001,
-    universal_threshold: float = 0.8,
+    universal_top_fraction: Real = 0.001,
+    universal_threshold: Real = 0.8,
 ) -> Discovery:
     """The discovery pipeline with the forward passes done by ``stats_fn``.
 
@@ -155,14 +155,14 @@ def discover(
     positive: PromptList,
     negative: PromptList,
     *,
-    fraction: float | None = 0.001,
-    top_k: int | None = None,
+    fraction: Real | None = 0.001,
+    top_k: Integral | None = None,
     exclude_layers: Sequence[int] = (),
     universal_filter: bool = True,
     universal_prompts: PromptList | None = None,
-    universal_top_fraction: float = 0.001,
-    universal_threshold: float = 0.8,
-    batch_size: int = 32,
+    universal_top_fraction: Real = 0.001,
+    universal_threshold: Real = 0.8,
+    batch_size: Integral = 32,
     progress: bool = False,
 ) -> Circuit:
     """Find the circuit that separates ``positive`` from ``negative`` prompts.

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from jaxtyping import Int
 from torch import Tensor
 
+from cna_lens._validate import Integral, Real
 from cna_lens.activations import NeuronStats, activation_stats
 from cna_lens.discovery import Discovery, discover_with
 from cna_lens.errors import CNAError
@@ -73,7 +74,7 @@ def shard_prompts(
     model: Any,
     prompts: PromptList,
     *,
-    batch_size: int,
+    batch_size: Integral,
     rank: int | None = None,
     world_size: int | None = None,
     group: Any = None,
@@ -128,8 +129,8 @@ def activation_stats_distributed(
     model: Any,
     prompts: PromptList,
     *,
-    batch_size: int = 32,
-    top_fraction: float | None = None,
+    batch_size: Integral = 32,
+    top_fraction: Real | None = None,
     group: Any = None,
     progress: bool = False,
     desc: str = "activations",
@@ -163,14 +164,14 @@ def discover_distributed(
     positive: PromptList,
     negative: PromptList,
     *,
-    fraction: float | None = 0.001,
-    top_k: int | None = None,
+    fraction: Real | None = 0.001,
+    top_k: Integral | None = None,
     exclude_layers: Sequence[int] = (),
     universal_filter: bool = True,
     universal_prompts: PromptList | None = None,
-    universal_top_fraction: float = 0.001,
-    universal_threshold: float = 0.8,
-    batch_size: int = 32,
+    universal_top_fraction: Real = 0.001,
+    universal_threshold: Real = 0.8,
+    batch_size: Integral = 32,
     group: Any = None,
     progress: bool = False,
 ) -> Discovery:

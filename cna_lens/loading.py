@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from cna_lens._validate import check_int
+from cna_lens._validate import Integral, check_int
 from cna_lens.errors import CNAError
 
 __all__ = [
@@ -321,8 +321,8 @@ def tokenize_prompts(
     model: Any,
     prompts: PromptList,
     *,
-    batch_size: int,
-    max_new_tokens: int = 0,
+    batch_size: Integral,
+    max_new_tokens: Integral = 0,
     sort_by_length: bool = True,
     device: torch.device | str | None = None,
     what: str = "prompts",

@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cna_lens import _model_state
-from cna_lens._validate import check_int, check_real
+from cna_lens._validate import Integral, Real, check_int, check_real
 from cna_lens.circuit import Circuit
 from cna_lens.errors import CNAError
 from cna_lens.loading import MLP_HOOK, PromptList, _pad_id, tokenize_prompts
@@ -98,6 +98,10 @@ class SteeringConfig:
         positions: "all" positions, only the "prompt" (the first forward pass of a
             generation), or only "generated" tokens (later, incremental decoding steps).
     """
+
+    # __post_init__ checks and converts the fields (NumPy numbers included) with CNAError
+    # messages; a runtime type checker checking __init__ first would pre-empt them.
+    __no_type_check__ = True
 
     multiplier: float = 0.0
     negative_multiplier: float | None = None
@@ -205,11 +209,11 @@ def _reset_active(model: Any) -> None:
 def steer(
     model: Any,
     circuit: Circuit,
-    multiplier: float = 0.0,
+    multiplier: Real = 0.0,
     *,
-    negative_multiplier: float | None = None,
+    negative_multiplier: Real | None = None,
     positions: Positions | str = "all",
-    prompt_length: int | None = None,
+    prompt_length: Integral | None = None,
 ) -> Iterator[SteeringHandle]:
     """Scale the circuit's neurons by ``multiplier`` inside the ``with`` block.
 
@@ -285,15 +289,15 @@ def generate_token_ids(
     prompts: PromptList,
     *,
     circuit: Circuit | None = None,
-    multiplier: float = 1.0,
-    negative_multiplier: float | None = None,
+    multiplier: Real = 1.0,
+    negative_multiplier: Real | None = None,
     positions: Positions | str = "all",
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
+    max_new_tokens: Integral = 64,
+    batch_size: Integral = 16,
     do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float | None = None,
-    seed: int | None = None,
+    temperature: Real = 1.0,
+    top_p: Real | None = None,
+    seed: Integral | None = None,
     progress: bool = False,
 ) -> list[list[int]]:
     """Generated token ids per prompt (new tokens only, up to and excluding EOS).
@@ -370,15 +374,15 @@ def generate(
     prompts: PromptList,
     *,
     circuit: Circuit | None = None,
-    multiplier: float = 1.0,
-    negative_multiplier: float | None = None,
+    multiplier: Real = 1.0,
+    negative_multiplier: Real | None = None,
     positions: Positions | str = "all",
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
+    max_new_tokens: Integral = 64,
+    batch_size: Integral = 16,
     do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float | None = None,
-    seed: int | None = None,
+    temperature: Real = 1.0,
+    top_p: Real | None = None,
+    seed: Integral | None = None,
     progress: bool = False,
 ) -> list[str]:
     """Generate a completion per prompt, optionally with the circuit scaled.
