@@ -450,13 +450,18 @@ def _decode(path: Path, raw: bytes) -> str:
         encoding = "utf-8-sig"
     else:
         encoding = "utf-8"
+    expected = ("circuit files are UTF-8 JSON as written by Circuit.save (UTF-16 is read only "
+                "with a byte-order mark)")
+    nul = raw.find(b"\x00")
+    if encoding != "utf-16" and nul >= 0:  # UTF-16 without a BOM, or a binary file
+        raise CNAError(f"circuit file {str(path)!r} is not valid UTF-8 text (a NUL byte at "
+                       f"offset {nul}); {expected}")
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as exc:
         raise CNAError(
             f"circuit file {str(path)!r} is not valid {encoding.upper()} text (byte "
-            f"{raw[exc.start:exc.start + 1]!r} at offset {exc.start}); circuit files are "
-            "UTF-8 JSON as written by Circuit.save (UTF-16 is read only with a byte-order mark)"
+            f"{raw[exc.start:exc.start + 1]!r} at offset {exc.start}); {expected}"
         ) from None
 
 
