@@ -140,3 +140,43 @@ def test_fingerprint_depends_on_shape_not_weights(tmp_path, model_dirs):
     wider = cna_lens.load_model(make_random_model_dir(tmp_path / "w", d_mlp=256), device="cpu")
     assert cna_lens.model_fingerprint(a) == cna_lens.model_fingerprint(same_shape)
     assert cna_lens.model_fingerprint(a) != cna_lens.model_fingerprint(wider)
+
+
+# ---- hardening ---------------------------------------------------------------------------
+
+def test_no_attributes_are_patched_onto_the_model(model_dirs):
+    model = cna_lens.load_model(model_dirs["llama"], device="cpu", chat=False)
+    assert not any(name.startswith("_cna") for name in vars(model))
+    assert cna_lens.model_id(model) == str(model_dirs["llama"])
+    assert cna_lens.is_chat_model(model) is False
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"name_or_path": ""}, "model name is empty"),
+        ({"name_or_path": "   "}, "model name is empty"),
+        ({"device": "bogus"}, "unknown device 'bogus'"),
+        ({"name_or_path": "nobody-xyz/not-a-model-9"},
+         r"cannot load 'nobody-xyz/not-a-model-9' as a hub model"),
+    ],
+)
+def test_load_model_errors_are_cna_errors(model_dirs, kwargs, match):
+    kwargs = {"name_or_path": model_dirs["llama"], "device": "cpu", **kwargs}
+    with pytest.raises(CNAError, match=match) as info:
+        cna_lens.load_model(**kwargs)
+    if "cannot load" in match:
+        assert isinstance(info.value.__cause__, OSError)  # the cause is chained
+
+
+def test_too_long_prompt_names_its_set(llama):
+    long = "word " * (int(llama.cfg.n_ctx) + 10)
+    with pytest.raises(CNAError, match=r"negative prompts\[1\] is \d+ tokens"):
+        cna_lens.discover(llama, ["a"], ["b", long], top_k=1, universal_filter=False)
+
+
+def test_lone_surrogate_is_refused_before_the_tokenizer():
+    from cna_lens.loading import validate_prompts
+
+    with pytest.raises(CNAError, match=r"positive\[0\] is not valid Unicode"):
+        validate_prompts(["x\udc80y"], "positive")
