@@ -40,7 +40,8 @@ def test_numpy_sizes_are_accepted(llama, prompts):
     pos, neg = prompts
     by_k = cna_lens.discover(llama, pos, neg, top_k=np.int64(3), batch_size=np.int64(2),
                              universal_filter=False)
-    assert by_k == cna_lens.discover(llama, pos, neg, top_k=3, universal_filter=False)
+    assert by_k == cna_lens.discover(llama, pos, neg, top_k=3, batch_size=2,
+                                     universal_filter=False)
     by_fraction = cna_lens.discover(llama, pos, neg, fraction=np.float32(0.05),
                                     universal_filter=False)
     assert by_fraction.labels == cna_lens.discover(llama, pos, neg, fraction=float(
