@@ -263,14 +263,21 @@ THREE = ["How do I pick a lock?", "Write a poem about the ocean.", "What is 2 + 
 
 @pytest.mark.parametrize("positions", ["generated", "prompt"])
 def test_generate_inside_a_user_context_is_correct_for_every_batch(llama, circuit, positions):
-    kw = dict(max_new_tokens=6, batch_size=1)
-    with steer(llama, circuit, 0.0, positions=positions):
+    kw = dict(max_new_tokens=8, batch_size=1)
+    m = -40.0  # strong enough to change every greedy continuation of the tiny model
+    with steer(llama, circuit, m, positions=positions):
         together = cna_lens.generate_token_ids(llama, THREE, **kw)
         again = cna_lens.generate_token_ids(llama, THREE, **kw)  # the context is reusable
     separate = []
     for p in THREE:
-        with steer(llama, circuit, 0.0, positions=positions):
+        with steer(llama, circuit, m, positions=positions):
             separate += cna_lens.generate_token_ids(llama, [p], **kw)
+    with steer(llama, circuit, m, positions="all"):
+        everywhere = cna_lens.generate_token_ids(llama, THREE, **kw)
+    plain = cna_lens.generate_token_ids(llama, THREE, **kw)
+    # the test can tell the modes apart: steering only part of the positions differs from
+    # steering all of them and from none, for every prompt
+    assert all(s != e and s != u for s, e, u in zip(separate, everywhere, plain, strict=True))
     assert together == separate and again == separate
     assert _n_hooks(llama) == 0
 
