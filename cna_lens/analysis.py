@@ -241,7 +241,7 @@ def random_control_circuit(circuit: Circuit, *, seed: int = 0,
         neurons += [Neuron(layer, j) for j in sorted(rng.sample(pool, count))]
     prov = Provenance(model_id=circuit.provenance.model_id,
                       fingerprint=circuit.provenance.fingerprint, rule="manual",
-                      k=len(neurons))
+                      k=len(neurons) or None)
     return Circuit(tuple(neurons), circuit.n_layers, circuit.d_mlp, prov)
 
 
