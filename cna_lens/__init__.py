@@ -33,9 +33,22 @@ from cna_lens.attribution import Attribution, attribute
 from cna_lens.baking import BakedWeights, bake, bake_, export_steered, steered_hf_model
 from cna_lens.caa import CAAVectors, caa_generate, caa_steer, compute_caa
 from cna_lens.circuit import Circuit, Neuron, Provenance
-from cna_lens.discovery import Discovery, circuit_from_attribution, discover, discover_full
+from cna_lens.discovery import (
+    Discovery,
+    DiscoveryConfig,
+    circuit_from_attribution,
+    discover,
+    discover_full,
+)
 from cna_lens.distributed import discover_distributed
 from cna_lens.errors import CircuitMismatchError, CNAError
+from cna_lens.interventions import (
+    INTERVENTIONS,
+    Intervention,
+    Steering,
+    get_intervention,
+    register_intervention,
+)
 from cna_lens.loading import (
     is_chat_model,
     load_model,
@@ -43,6 +56,7 @@ from cna_lens.loading import (
     model_id,
     tokenize_prompts,
 )
+from cna_lens.scores import SCORES, get_score, register_score
 from cna_lens.steering import (
     Positions,
     SteeringConfig,
@@ -57,22 +71,38 @@ from cna_lens.universal import (
 )
 
 # Stages that pull in pandas / plotly / the organism data load on first use.
-_LAZY_MODULES = ("evaluation", "plots", "figures", "reproduce", "organism", "testing")
+_LAZY_MODULES = ("dose", "evaluation", "plots", "figures", "reproduce", "organism", "testing",
+                 "explore", "report", "prompt_sets", "zoo", "summary")
+# Public names defined in those lazy modules (name -> module).
+_LAZY_NAMES = {"activation_cache": "explore", "neuron_card": "explore",
+               "NeuronCard": "explore", "circuit_map": "explore", "sweep": "dose"}
 
 
 def __getattr__(name: str):
-    if name in _LAZY_MODULES:
+    if name in _LAZY_MODULES or name in _LAZY_NAMES:
         import importlib
 
-        return importlib.import_module(f"cna_lens.{name}")
+        module = importlib.import_module(f"cna_lens.{_LAZY_NAMES.get(name, name)}")
+        return getattr(module, name) if name in _LAZY_NAMES else module
     raise AttributeError(f"module 'cna_lens' has no attribute {name!r}")
 
 
 __all__ = [
+    "INTERVENTIONS",
+    "SCORES",
+    "DiscoveryConfig",
+    "Intervention",
+    "Steering",
+    "get_intervention",
+    "get_score",
+    "register_intervention",
+    "register_score",
+    "sweep",
     "Attribution",
     "BakedWeights",
     "CAAVectors",
     "LayerDistribution",
+    "NeuronCard",
     "Overlap",
     "Stability",
     "bake",
@@ -80,6 +110,7 @@ __all__ = [
     "bootstrap_stability",
     "caa_generate",
     "caa_steer",
+    "circuit_map",
     "circuit_overlap",
     "compute_caa",
     "discover_distributed",
@@ -98,6 +129,7 @@ __all__ = [
     "SteeringConfig",
     "UniversalNeurons",
     "__version__",
+    "activation_cache",
     "activation_stats",
     "attribute",
     "circuit_from_attribution",
@@ -112,6 +144,7 @@ __all__ = [
     "load_model",
     "model_fingerprint",
     "model_id",
+    "neuron_card",
     "steer",
     "tokenize_prompts",
 ]

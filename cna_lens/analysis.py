@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -311,11 +311,12 @@ def bootstrap_stability(
     exclude_layers: Sequence[int] = (),
     n_resamples: int = 100,
     seed: int = 0,
+    score: str | Callable[..., Any] = "abs_delta",
 ) -> Stability:
     """Bootstrap the discovery prompts and measure how much the circuit moves.
 
-    The full circuit is the top-k by |delta| of all prompts (as :func:`cna_lens.discover`
-    selects it, with the same exclusions). Each resample draws ``n_pos`` positive and
+    The full circuit is the top-k by ``score`` (default |delta|) of all prompts (as
+    :func:`cna_lens.discover` selects it, with the same exclusions and score). Each resample draws ``n_pos`` positive and
     ``n_neg`` negative prompts with replacement, recomputes delta, reselects the top-k, and
     records its Jaccard similarity with the full circuit.
 
@@ -329,9 +330,11 @@ def bootstrap_stability(
         exclude_layers: Layers never selected.
         n_resamples: Bootstrap resamples (>= 1).
         seed: Seed of the resampling.
+        score: The neuron score selection ranks by (a name in
+            :data:`cna_lens.scores.SCORES` or a function; see :mod:`cna_lens.scores`).
 
     Raises:
-        CNAError: mismatched shapes, bad size, or ``n_resamples < 1``.
+        CNAError: mismatched shapes, bad size or score, or ``n_resamples < 1``.
     """
     if positive.shape[1:] != negative.shape[1:]:
         raise CNAError(f"positive activations are {tuple(positive.shape)} but negative are "
@@ -339,18 +342,28 @@ def bootstrap_stability(
     n_resamples = check_int("n_resamples", n_resamples, low=1)
     if top_k is not None:
         fraction = None
+    from cna_lens.activations import NeuronStats
+    from cna_lens.attribution import Attribution
+    from cna_lens.scores import compute_score, get_score
+
+    get_score(score)  # an unknown name fails before any work
     pos = positive.to(torch.float64)
     neg = negative.to(torch.float64)
 
-    def select(delta: Tensor) -> frozenset[tuple[int, int]]:
+    def select(p: Tensor, n: Tensor) -> frozenset[tuple[int, int]]:
+        if score == "abs_delta":  # the paper's rule, from the plain means
+            delta, values = p.mean(0) - n.mean(0), None
+        else:
+            attribution = Attribution(NeuronStats.of(p), NeuronStats.of(n))
+            delta, values = attribution.delta, compute_score(score, attribution)
         return select_top_k(delta, fraction=fraction, top_k=top_k, exclude=exclude,
-                            exclude_layers=exclude_layers).pairs
+                            exclude_layers=exclude_layers, score=values).pairs
 
-    full = select(pos.mean(0) - neg.mean(0))
+    full = select(pos, neg)
     gen = torch.Generator().manual_seed(seed)
     scores = []
     for _ in range(n_resamples):
         ip = torch.randint(0, pos.shape[0], (pos.shape[0],), generator=gen)
         ineg = torch.randint(0, neg.shape[0], (neg.shape[0],), generator=gen)
-        scores.append(jaccard(full, select(pos[ip].mean(0) - neg[ineg].mean(0))))
+        scores.append(jaccard(full, select(pos[ip], neg[ineg])))
     return Stability(tuple(scores), len(full), seed)

@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -60,7 +61,8 @@ from cna_lens import _model_state
 from cna_lens._validate import Real
 from cna_lens.circuit import Circuit
 from cna_lens.errors import CNAError
-from cna_lens.steering import SteeringConfig, layer_scales
+from cna_lens.interventions import Steering
+from cna_lens.steering import SteeringConfig, as_steering, layer_scales
 
 __all__ = ["BakedWeights", "bake", "bake_", "down_projection", "export_steered",
            "steered_hf_model"]
@@ -228,8 +230,8 @@ def _check_config(multiplier: Real, negative_multiplier: Real | None) -> Steerin
 
 def bake_(
     model: Any,
-    circuit: Circuit,
-    multiplier: Real = 0.0,
+    circuit: Circuit | Steering,
+    multiplier: Real | None = None,
     *,
     negative_multiplier: Real | None = None,
 ) -> BakedWeights:
@@ -237,8 +239,11 @@ def bake_(
 
     Args:
         model: A bridge from :func:`cna_lens.load_model`.
-        circuit: The neurons to scale; validated against ``model``.
-        multiplier: 0 ablates, 1 is the unchanged model, > 1 amplifies.
+        circuit: The neurons to scale; validated against ``model``. Or a
+            :class:`~cna_lens.Steering` with a bakeable intervention (only ``"scale"``:
+            see :data:`cna_lens.interventions.BAKEABLE`), any sign selection, and
+            ``positions="all"``.
+        multiplier: 0 ablates (default), 1 is the unchanged model, > 1 amplifies.
         negative_multiplier: Separate factor for neurons with delta < 0 (default: same).
 
     Returns:
@@ -249,18 +254,20 @@ def bake_(
 
     Raises:
         CNAError: not a circuit, a non-finite multiplier or one whose baked weights would
-            overflow the model's dtype, a layer whose down projection cannot be baked, or the
-            model is in use by another thread.
+            overflow the model's dtype, an intervention that does not fold into weights
+            (e.g. ``"mean"``), a layer whose down projection cannot be baked, or the model is
+            in use by another thread.
         CircuitMismatchError: the circuit was made for another model.
     """
-    from cna_lens.steering import _check_circuit, _check_model, check_fits_dtype, model_dtype
+    from cna_lens.steering import _check_model, check_fits_dtype, model_dtype
 
     _check_model(model)
-    circuit = _check_circuit(circuit)
-    config = _check_config(multiplier, negative_multiplier)
+    steering = as_steering(circuit, multiplier, negative_multiplier)
+    config = _check_config(steering.multiplier, steering.negative_multiplier)
+    circuit = steering.circuit
     circuit.validate(model)
     check_fits_dtype(config, model_dtype(model))
-    scales = {} if config.is_identity else layer_scales(circuit, config)
+    scales = steering.scale_vectors()  # refuses interventions that do not bake
     # Resolve every layer before touching any weight, so a failure changes nothing.
     targets = {layer: down_projection(model, layer) for layer in sorted(scales)}
     _model_state.acquire(model, "a baking context")
@@ -281,8 +288,8 @@ def bake_(
 @contextmanager
 def bake(
     model: Any,
-    circuit: Circuit,
-    multiplier: Real = 0.0,
+    circuit: Circuit | Steering,
+    multiplier: Real | None = None,
     *,
     negative_multiplier: Real | None = None,
 ) -> Iterator[BakedWeights]:
@@ -293,12 +300,14 @@ def bake(
 
     Args:
         model: A bridge from :func:`cna_lens.load_model`.
-        circuit: The neurons to scale; validated against ``model``.
-        multiplier: 0 ablates, 1 is the unchanged model, > 1 amplifies.
+        circuit: The neurons to scale; validated against ``model``. Or a
+            :class:`~cna_lens.Steering` with a bakeable intervention (see :func:`bake_`).
+        multiplier: 0 ablates (default), 1 is the unchanged model, > 1 amplifies.
         negative_multiplier: Separate factor for neurons with delta < 0 (default: same).
 
     Raises:
-        CNAError: non-finite multiplier, or a layer whose down projection cannot be baked.
+        CNAError: non-finite multiplier, an intervention that does not fold into weights
+            (e.g. ``"mean"``), or a layer whose down projection cannot be baked.
         CircuitMismatchError: the circuit was made for another model.
 
     Example:
@@ -315,7 +324,10 @@ def bake(
 # ---- a plain Hugging Face copy ------------------------------------------------------------
 
 def _source(model: Any) -> str:
-    from cna_lens.loading import model_id
+    from cna_lens.loading import model_id, model_source
+
+    if model_source(model):
+        return str(model_source(model))
 
     cfg = getattr(getattr(model, "original_model", None), "config", None)
     for candidate in (getattr(cfg, "_name_or_path", None), model_id(model)):
@@ -377,7 +389,13 @@ def steered_hf_model(
         bridge = model_or_dir
         source = _source(bridge)
     circuit.validate(bridge)
-    hf = AutoModelForCausalLM.from_pretrained(source, dtype=_model_dtype(bridge))
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=_model_dtype(bridge))
+    else:  # built from the config, so a bridge from a .gguf file (or the hub) needs no disk
+        hf_config = copy.deepcopy(bridge.original_model.config)
+        if getattr(hf_config, "quantization_config", None) is not None:
+            del hf_config.quantization_config
+        hf = AutoModelForCausalLM.from_config(hf_config, dtype=_model_dtype(bridge))
     hf.eval()
     hf_params = dict(hf.state_dict(keep_vars=True))
     # Copy the bridge's current weights into the fresh copy (names without the wrappers).

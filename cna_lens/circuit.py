@@ -47,7 +47,12 @@ def _package_version() -> str:
 
 @dataclass(frozen=True, order=True)
 class Neuron:
-    """One circuit neuron: MLP ``layer``, ``neuron`` index in it, and its ``delta``."""
+    """One circuit neuron: MLP ``layer``, ``neuron`` index in it, and its ``delta``.
+
+    ``mean_positive`` and ``mean_negative`` are its mean activations on the two discovery
+    sets (None when unknown, e.g. hand-made circuits or files from older versions); the
+    ``"mean"`` intervention needs ``mean_negative``.
+    """
 
     # __post_init__ checks every field and raises CNAError naming it; a runtime type checker
     # (jaxtyping's import hook) checking __init__ first would pre-empt those messages.
@@ -56,6 +61,8 @@ class Neuron:
     layer: int
     neuron: int
     delta: float = 0.0
+    mean_positive: float | None = None
+    mean_negative: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer", check_int("neuron layer", self.layer, low=0))
@@ -67,6 +74,17 @@ class Neuron:
             object.__setattr__(self, "delta", float(self.delta))
         except OverflowError:
             raise CNAError(f"neuron delta must be finite, got {self.delta!r}") from None
+        for name in ("mean_positive", "mean_negative"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise CNAError(f"neuron {name} must be a real number or null, got {value!r} "
+                               f"({type(value).__name__})")
+            try:
+                object.__setattr__(self, name, float(value))
+            except OverflowError:
+                raise CNAError(f"neuron {name} must be finite, got {value!r}") from None
 
     @property
     def label(self) -> str:
@@ -104,13 +122,14 @@ class Provenance:
     negative_hash: str | None = None
     n_positive: int | None = None
     n_negative: int | None = None
+    score: str = "abs_delta"
     package_version: str = field(default_factory=_package_version)
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
-        for name in ("model_id", "hook", "package_version"):
+        for name in ("model_id", "hook", "score", "package_version"):
             if not isinstance(getattr(self, name), str):
                 raise CNAError(f"provenance.{name} must be a string, got "
                                f"{getattr(self, name)!r}")
@@ -199,6 +218,10 @@ class Circuit:
                 raise CNAError(f"{n.label}: neuron {n.neuron} out of range [0, {self.d_mlp})")
             if not math.isfinite(n.delta):
                 raise CNAError(f"{n.label}: delta must be finite, got {n.delta}")
+            for name in ("mean_positive", "mean_negative"):
+                value = getattr(n, name)
+                if value is not None and not math.isfinite(value):
+                    raise CNAError(f"{n.label}: {name} must be finite or None, got {value}")
             if (n.layer, n.neuron) in seen:
                 raise CNAError(f"{n.label} appears twice in the circuit")
             seen.add((n.layer, n.neuron))
@@ -288,9 +311,7 @@ class Circuit:
             "format_version": FORMAT_VERSION,
             "n_layers": self.n_layers,
             "d_mlp": self.d_mlp,
-            "neurons": [
-                {"layer": n.layer, "neuron": n.neuron, "delta": n.delta} for n in self.neurons
-            ],
+            "neurons": [_neuron_dict(n) for n in self.neurons],
             "provenance": {k: (list(v) if isinstance(v, tuple) else v)
                            for k, v in asdict(self.provenance).items()},
         }
@@ -352,13 +373,17 @@ class Circuit:
         if not entries and not allow_empty:
             raise CNAError("circuit has no neurons; an empty circuit steers nothing (pass "
                            "allow_empty=True to accept one)")
+        required = {"layer", "neuron", "delta"}
+        optional = {"mean_positive", "mean_negative"}
         neurons = []
         for i, e in enumerate(entries):
-            if not isinstance(e, dict) or set(e) != {"layer", "neuron", "delta"}:
+            if not isinstance(e, dict) or not required <= set(e) <= required | optional:
                 raise CNAError(f"malformed circuit data: neurons[{i}] must be an object with "
-                               f"exactly the keys layer, neuron, delta, got {e!r:.80}")
+                               f"the keys layer, neuron, delta (and optionally mean_positive, "
+                               f"mean_negative), got {e!r:.80}")
             try:
-                neurons.append(Neuron(e["layer"], e["neuron"], e["delta"]))
+                neurons.append(Neuron(e["layer"], e["neuron"], e["delta"],
+                                      e.get("mean_positive"), e.get("mean_negative")))
             except CNAError as exc:
                 raise CNAError(f"malformed circuit data: neurons[{i}]: {exc}") from None
         provenance = Provenance.from_dict(d.get("provenance", {}))
@@ -465,6 +490,15 @@ def _decode(path: Path, raw: bytes) -> str:
         ) from None
 
 
+def _neuron_dict(n: Neuron) -> dict[str, Any]:
+    """JSON entry of a neuron; the means only when known, so old readers see old files."""
+    d: dict[str, Any] = {"layer": n.layer, "neuron": n.neuron, "delta": n.delta}
+    for k in ("mean_positive", "mean_negative"):
+        if getattr(n, k) is not None:
+            d[k] = getattr(n, k)
+    return d
+
+
 def check_layers(name: str, layers: Any, n_layers: int) -> tuple[int, ...]:
     """``layers`` as a tuple of layer indices in ``[0, n_layers)`` (a list/tuple/range of ints).
 
@@ -515,8 +549,9 @@ def select_top_k(
     exclude_layers: Sequence[int] = (),
     exclude: Bool[Tensor, "n_layers d_mlp"] | None = None,
     provenance: Provenance | None = None,
+    score: Float[Tensor, "n_layers d_mlp"] | None = None,
 ) -> Circuit:
-    """The top-k neurons by |delta| across all layers, sign kept, in rank order.
+    """The top-k neurons by |delta| (or by ``score``) across all layers, sign kept, in rank order.
 
     Ties are broken by the lower (layer, neuron) index, so the result is deterministic.
 
@@ -528,9 +563,12 @@ def select_top_k(
         exclude: Neurons never to select (e.g. universal neurons).
         provenance: Recorded on the circuit; ``rule``, ``fraction``, ``k`` and
             ``exclude_layers`` are filled in.
+        score: What to rank by (default ``|delta|``; see :mod:`cna_lens.scores`); the
+            neurons still record their signed delta.
 
     Raises:
-        CNAError: bad k or fraction, a non-finite delta, or a layer index out of range.
+        CNAError: bad k or fraction, a non-finite delta or score, or a layer index out of
+            range.
     """
     n_layers, d_mlp = delta.shape
     if not torch.isfinite(delta).all():
@@ -545,8 +583,14 @@ def select_top_k(
         allowed &= ~exclude.to(delta.device)
     n_total = n_layers * d_mlp
     k = resolve_k(int(allowed.sum()), n_total, fraction=fraction, top_k=top_k)
-    score = torch.where(allowed, delta.abs().to(torch.float64),
-                        torch.full_like(delta, -1.0, dtype=torch.float64)).flatten()
+    if score is None:
+        score = delta.abs()
+    elif tuple(score.shape) != (n_layers, d_mlp) or not torch.isfinite(score).all():
+        raise CNAError(f"score must be a finite tensor of shape {[n_layers, d_mlp]}, got "
+                       f"{list(score.shape)}")
+    # Excluded neurons rank below every allowed one (k never exceeds the allowed count).
+    score = torch.where(allowed, score.to(device=delta.device, dtype=torch.float64),
+                        torch.full_like(delta, -math.inf, dtype=torch.float64)).flatten()
     order = torch.sort(score, descending=True, stable=True).indices[:k].tolist()
     flat = delta.flatten().tolist()
     neurons = tuple(Neuron(i // d_mlp, i % d_mlp, float(flat[i])) for i in order)

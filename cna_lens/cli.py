@@ -1,4 +1,5 @@
-"""The ``cna-lens`` command line: discover, generate, info (and the organism and reproduce jobs).
+"""The ``cna-lens`` command line: discover, generate, info (and the organism, reproduce and
+dose-response sweep jobs).
 
 The CLI owns the terminal: progress bars are on, results are printed as tables, and a
 :class:`~cna_lens.errors.CNAError` becomes a one-line message and exit status 2.
@@ -11,35 +12,12 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from cna_lens.errors import CNAError
+from cna_lens.prompt_sets import read_prompts
 
 __all__ = ["main", "read_prompts"]
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a file: one per line (.txt, blank lines skipped) or a JSON list of strings.
-
-    Raises:
-        CNAError: missing file, invalid JSON, or not a list of non-empty strings.
-    """
-    from cna_lens.loading import validate_prompts
-
-    p = Path(path)
-    if not p.is_file():
-        raise CNAError(f"prompt file {str(p)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CNAError(f"{p}: not valid JSON ({exc}); expected a list of strings") from exc
-        if not isinstance(data, list):
-            raise CNAError(f"{p}: expected a JSON list of strings, got {type(data).__name__}")
-        return validate_prompts(data, str(p))
-    return validate_prompts([line for line in text.splitlines() if line.strip()], str(p))
 
 
 def _layers(text: str) -> list[int]:
@@ -50,9 +28,20 @@ def _layers(text: str) -> list[int]:
             f"expected comma-separated layer indices like 0,1, got {text!r}") from None
 
 
+_PROMPT_FILE_HELP = "prompt file: .txt (one per line), .json, .jsonl or .csv"
+
+
+def _prompt_column_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-column", default=None,
+                   help="field (.json/.jsonl objects) or header (.csv) holding the prompt in "
+                        "every prompt file of this command (default: the one column named "
+                        "prompt, goal or behavior)")
+
+
 def _model_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required,
-                   help="hub name or local HF directory (or 'organism:instruct' / 'organism:base')")
+                   help="hub name, local HF directory, .gguf file, 'organism:instruct' / "
+                        "'organism:base', or 'zoo:NAME' (see 'cna-lens models list')")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
 
@@ -68,6 +57,10 @@ def _load(args: argparse.Namespace) -> Any:
             name = str(organism.path(name.split(":", 1)[1]))
         except (ValueError, FileNotFoundError) as exc:
             raise CNAError(f"--model {args.model!r}: {exc}") from exc
+    elif name.startswith("zoo:"):
+        from cna_lens import zoo
+
+        name = zoo.resolve(name)
     return load_model(name, device=args.device, dtype=args.dtype)
 
 
@@ -76,16 +69,18 @@ def _cmd_discover(args: argparse.Namespace) -> int:
     from cna_lens.io import check_writable_file
 
     check_writable_file(args.out)  # before any forward pass
-    positive = read_prompts(args.positive)
-    negative = read_prompts(args.negative)
-    universal = read_prompts(args.universal_prompts) if args.universal_prompts else None
+    column = args.prompt_column
+    positive = read_prompts(args.positive, column=column)
+    negative = read_prompts(args.negative, column=column)
+    universal = (read_prompts(args.universal_prompts, column=column)
+                 if args.universal_prompts else None)
     model = _load(args)
     circuit = discover(
         model, positive, negative,
         fraction=None if args.top_k is not None else args.fraction,
         top_k=args.top_k, exclude_layers=args.exclude_layers,
         universal_filter=not args.no_universal_filter, universal_prompts=universal,
-        batch_size=args.batch_size, progress=True,
+        score=args.score, batch_size=args.batch_size, progress=True,
     )
     circuit.save(args.out)
     counts = circuit.per_layer_counts()
@@ -100,19 +95,22 @@ def _cmd_discover(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from cna_lens.circuit import Circuit
+    from cna_lens.interventions import Steering
     from cna_lens.io import atomic_write_text, check_writable_file
     from cna_lens.steering import generate
 
     if args.out:
         check_writable_file(args.out)  # before any generation
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts, column=args.prompt_column)
     circuit = Circuit.load(args.circuit) if args.circuit else None
     if circuit is None and args.multiplier != 1.0:
         raise CNAError("--multiplier needs --circuit (which neurons to scale)")
+    steering = None if circuit is None else Steering(
+        circuit=circuit, intervention=args.intervention, multiplier=args.multiplier,
+        negative_multiplier=args.negative_multiplier, sign=args.sign, positions=args.positions)
     model = _load(args)
     texts = generate(
-        model, prompts, circuit=circuit, multiplier=args.multiplier,
-        negative_multiplier=args.negative_multiplier, positions=args.positions,
+        model, prompts, steering=steering,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True,
     )
     rows = [{"prompt": p, "output": t, "multiplier": args.multiplier if circuit else None,
@@ -152,6 +150,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from cna_lens import zoo
+
+    if args.models_command == "list":
+        print(f"{'name':<30} {'kind':<9} {'arch':<7} {'installed':<9} install")
+        for name, m in zoo.REAL_MODELS.items():
+            print(f"{name:<30} {m.kind:<9} {m.architecture:<7} "
+                  f"{'yes' if zoo.is_installed(name) else 'no':<9} {m.install}")
+        print(f"cache: {zoo.cache_dir()}; use --model zoo:NAME (GGUF) or zoo:NAME:hf")
+        return 0
+    print(zoo.model_path(args.name, hf=args.hf))
+    return 0
+
+
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., int]]]:
     parser = argparse.ArgumentParser(
         prog="cna-lens", description="Contrastive Neuron Attribution on TransformerLens.")
@@ -161,8 +173,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., in
 
     p = sub.add_parser("discover", help="find the circuit separating two prompt sets")
     _model_arg(p)
-    p.add_argument("--positive", required=True, help="prompt file (.txt lines or .json list)")
-    p.add_argument("--negative", required=True, help="prompt file (.txt lines or .json list)")
+    p.add_argument("--positive", required=True, help=_PROMPT_FILE_HELP)
+    p.add_argument("--negative", required=True, help=_PROMPT_FILE_HELP)
+    _prompt_column_arg(p)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--fraction", type=float, default=0.001,
                       help="circuit size as a fraction of all MLP neurons (default 0.001)")
@@ -172,6 +185,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., in
                    help="keep universal neurons in the circuit")
     p.add_argument("--universal-prompts", default=None,
                    help="diverse prompts for the universal filter (default: shipped set)")
+    p.add_argument("--score", default="abs_delta",
+                   help="neuron score for selection: abs_delta (the paper's, default), "
+                        "effect_size, or a registered name")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--show", type=int, default=20, help="rows of the circuit table to print")
     p.add_argument("--out", required=True, help="circuit JSON to write")
@@ -179,13 +195,19 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., in
 
     p = sub.add_parser("generate", help="generate, optionally with a circuit scaled")
     _model_arg(p)
-    p.add_argument("--prompts", required=True, help="prompt file (.txt lines or .json list)")
+    p.add_argument("--prompts", required=True, help=_PROMPT_FILE_HELP)
+    _prompt_column_arg(p)
     p.add_argument("--circuit", default=None, help="circuit JSON from 'discover'")
     p.add_argument("--multiplier", type=float, default=1.0,
                    help="0 ablates, 1 unchanged, >1 amplifies (default 1)")
     p.add_argument("--negative-multiplier", type=float, default=None,
                    help="separate multiplier for negative-delta neurons")
     p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"])
+    p.add_argument("--intervention", default="scale",
+                   help="scale (act * m, default) or mean (negative-set mean + m * (act - "
+                        "mean)), or a registered name")
+    p.add_argument("--sign", default="both", choices=["both", "positive", "negative"],
+                   help="steer neurons with delta > 0, < 0, or both (default)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="write results as JSON lines")
@@ -195,13 +217,23 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., in
     _model_arg(p)
     handlers["info"] = _cmd_info
 
+    p = sub.add_parser("models", help="real models carried by PyPI packages (GGUF): list, "
+                                      "locate, convert")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("list", help="known real models, whether installed, how to install")
+    q = msub.add_parser("path", help="print a loadable path for an installed real model")
+    q.add_argument("name", help="a name from 'cna-lens models list'")
+    q.add_argument("--hf", action="store_true",
+                   help="convert to a plain HF directory once (cached) and print that")
+    handlers["models"] = _cmd_models
+
     _add_optional_commands(sub, handlers)
     return parser, handlers
 
 
 def _add_optional_commands(sub: Any, handlers: dict[str, Callable[..., int]]) -> None:
     """Commands of the organism and reproduction stages (registered by those modules)."""
-    for module_name in ("cna_lens.organism.cli", "cna_lens.reproduce"):
+    for module_name in ("cna_lens.organism.cli", "cna_lens.reproduce", "cna_lens.dose"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as exc:

@@ -28,7 +28,6 @@ Example (run with ``torchrun --nproc-per-node 4 script.py``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -39,7 +38,7 @@ from torch import Tensor
 
 from cna_lens._validate import Integral, Real
 from cna_lens.activations import NeuronStats, activation_stats
-from cna_lens.discovery import Discovery, discover_with
+from cna_lens.discovery import Discovery, DiscoveryConfig, discover_with
 from cna_lens.errors import CNAError
 from cna_lens.loading import (
     PromptList,
@@ -163,15 +162,8 @@ def discover_distributed(
     model: Any,
     positive: PromptList,
     negative: PromptList,
+    config: DiscoveryConfig | None = None,
     *,
-    fraction: Real | None = 0.001,
-    top_k: Integral | None = None,
-    exclude_layers: Sequence[int] = (),
-    universal_filter: bool = True,
-    universal_prompts: PromptList | None = None,
-    universal_top_fraction: Real = 0.001,
-    universal_threshold: Real = 0.8,
-    batch_size: Integral = 32,
     group: Any = None,
     progress: bool = False,
 ) -> Discovery:
@@ -184,18 +176,15 @@ def discover_distributed(
     Args:
         model: This rank's copy of the model (from :func:`cna_lens.load_model`).
         positive, negative: The full prompt sets (identical on every rank).
+        config: The settings (:class:`~cna_lens.DiscoveryConfig`; default the paper's).
         group: The process group (default: the world, which must be initialised).
-        Others: As for :func:`cna_lens.discover`.
+        progress: Show progress bars.
 
     Raises:
         CNAError: bad prompts or size, or torch.distributed not initialised.
     """
     _rank_world(group, None, None)
-    stats_fn = partial(activation_stats_distributed, model, batch_size=batch_size, group=group,
-                       progress=progress)
-    return discover_with(
-        stats_fn, model, positive, negative, fraction=fraction, top_k=top_k,
-        exclude_layers=exclude_layers, universal_filter=universal_filter,
-        universal_prompts=universal_prompts, universal_top_fraction=universal_top_fraction,
-        universal_threshold=universal_threshold,
-    )
+    config = config or DiscoveryConfig()
+    stats_fn = partial(activation_stats_distributed, model, batch_size=config.batch_size,
+                       group=group, progress=progress)
+    return discover_with(stats_fn, model, positive, negative, config)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from cna_lens._validate import Integral, check_int
 from cna_lens.errors import CNAError
+from cna_lens.gguf import resolve_gguf
 
 __all__ = [
     "PromptList",
@@ -35,6 +36,8 @@ __all__ = [
     "mlp_hook_names",
     "model_fingerprint",
     "model_id",
+    "model_source",
+    "portable_model_id",
     "prompt_set_hash",
     "tokenize_prompts",
     "validate_prompts",
@@ -64,14 +67,16 @@ class _ModelInfo:
 
     model_id: str
     chat: bool | None
+    source: str | None = None
 
 
 # Per-model state lives here, keyed weakly by the model, never patched onto the model.
 _MODEL_INFO: weakref.WeakKeyDictionary[Any, _ModelInfo] = weakref.WeakKeyDictionary()
 
 
-def _set_model_info(model: Any, *, model_id: str, chat: bool | None) -> None:
-    _MODEL_INFO[model] = _ModelInfo(model_id=model_id, chat=chat)
+def _set_model_info(model: Any, *, model_id: str, chat: bool | None,
+                    source: str | None = None) -> None:
+    _MODEL_INFO[model] = _ModelInfo(model_id=model_id, chat=chat, source=source)
 
 
 def _model_info(model: Any) -> _ModelInfo | None:
@@ -119,8 +124,10 @@ def load_model(
     """Load a causal LM into a TransformerLens ``TransformerBridge`` (default, HF-faithful mode).
 
     Args:
-        name_or_path: A hub model name (needs network access or a warm HF cache) or a local
-            HF directory (config, weights, tokenizer); local directories load fully offline.
+        name_or_path: A hub model name (needs network access or a warm HF cache), a local
+            HF directory (config, weights, tokenizer), a ``.gguf`` file, or a directory
+            holding exactly one ``.gguf`` file (dequantised on load; needs the ``gguf``
+            package). Local paths load fully offline.
         device: Where to put the model ("cpu", "cuda", ...). Default: CUDA if available.
             Mutually exclusive with ``device_map`` / ``n_devices``.
         dtype: torch dtype or one of "float32", "float16", "bfloat16" (default float32).
@@ -150,15 +157,19 @@ def load_model(
     _check_device(device)
     torch_dtype = _resolve_dtype(dtype)
     path = Path(name).expanduser()
-    if path.exists():
+    gguf_file = resolve_gguf(path) if path.exists() else None
+    if gguf_file is not None:
+        name = str(gguf_file.resolve())
+    elif path.exists():
         if not (path / "config.json").is_file():
             raise CNAError(
-                f"{name!r} exists but is not a HF model directory (no config.json in it); "
-                "pass a directory written by save_pretrained, or a hub model name"
+                f"{name!r} exists but is not a HF model directory (no config.json in it) nor a "
+                ".gguf file; pass a directory written by save_pretrained, a .gguf file, or a "
+                "hub model name"
             )
         name = str(path.resolve())
-    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise CNAError(f"model directory {name!r} does not exist")
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf"):
+        raise CNAError(f"model path {name!r} does not exist")
     if device is not None and (device_map is not None or n_devices is not None):
         raise CNAError("pass either device or device_map/n_devices, not both")
     if device is None and device_map is None and n_devices is None:
@@ -168,6 +179,15 @@ def load_model(
         kwargs["device_map"] = device_map
     if n_devices is not None:
         kwargs["n_devices"] = n_devices
+    if gguf_file is not None:
+        from cna_lens.gguf import load_gguf
+
+        if device_map is not None or n_devices is not None:
+            raise CNAError("device_map/n_devices are not supported for .gguf files; pass device, "
+                           "or convert the file with `cna-lens models convert` first")
+        hf_model, tokenizer = load_gguf(gguf_file, dtype=torch_dtype)
+        kwargs.update(hf_model=hf_model.to(device), tokenizer=tokenizer)
+        name = str(gguf_file.parent)
     try:
         model = TransformerBridge.boot_transformers(name, device=device, dtype=torch_dtype,
                                                     **kwargs)
@@ -179,12 +199,35 @@ def load_model(
                        f"{type(exc).__name__}: {exc}") from exc
     model.eval()
     mlp_hook_names(model)  # refuse models without MLP hook_post up front
-    _set_model_info(model, model_id=os.fspath(name_or_path), chat=chat)
+    _set_model_info(model, model_id=portable_model_id(gguf_file or name_or_path), chat=chat,
+                    source=str(gguf_file) if gguf_file is not None else name)
     return model
 
 
+def portable_model_id(name_or_path: str | os.PathLike[str]) -> str:
+    """A machine-independent name for a model: ``organism:KIND`` for the shipped organism,
+    the file or directory name for a local path, the hub name otherwise (never an absolute
+    path, so artifacts written on one machine do not leak its layout)."""
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if not path.exists():
+        return text
+    resolved = path.resolve()
+    organism_data = (Path(__file__).parent / "organism" / "data").resolve()
+    if resolved.parent == organism_data:
+        return f"organism:{resolved.name}"
+    return resolved.name
+
+
+def model_source(model: Any) -> str | None:
+    """Where the model was loaded from on this machine (a directory, a .gguf file or a hub
+    name), for code that must reload it; None when unknown."""
+    info = _model_info(model)
+    return info.source if info is not None else None
+
+
 def model_id(model: Any) -> str:
-    """The name or path the model was loaded from (or its HF name_or_path)."""
+    """The model's portable id (see :func:`portable_model_id`), or its HF name_or_path."""
     info = _model_info(model)
     if info is not None and info.model_id:
         return info.model_id

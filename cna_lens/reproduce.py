@@ -1,26 +1,38 @@
-"""Reproduce: every claim of the CNA paper checked on one instruct/base pair, in one command.
+"""Reproduce: the CNA paper's claims checked on an instruct model (and a base model), in stages.
 
-``cna-lens reproduce [--out DIR] [--model M] [--base-model B] [--quick]`` (or
-:func:`reproduce` from Python) runs, by default on the shipped model organism:
+``cna-lens reproduce [--model M] [--base-model B] [--prompts DIR] [--quick] [--out DIR]``
+(or :func:`reproduce` from Python). With no ``--model`` it runs on the shipped model
+organism (instruct + base, the organism's prompt sets). With ``--model`` alone (a hub name,
+an HF directory, a ``.gguf`` file or ``zoo:NAME``) it runs the instruct stages only, on the
+project's English prompt sets (:mod:`cna_lens.prompt_sets`), and the summary says the base
+stages were skipped; ``--base-model`` adds them. A real model is never paired with the
+organism's base.
 
-1. discovery of the instruct and the base circuit (same prompts, same k, universal
-   neurons filtered), keeping the per-prompt activations for the bootstrap;
-2. the CAA vectors of the instruct model;
-3. the steering sweep of the instruct model: CNA multipliers, CAA strengths and a random
-   control circuit on held-out harmful, benign and borderline prompts and the capability
-   questions (:func:`cna_lens.evaluation.sweep`);
-4. the base model under CNA at ``m = 0``, ``1`` and the largest multiplier;
-5. the analyses (layer distribution, base/instruct overlap with its chance level,
-   bootstrap stability), the figures (HTML, and PNG where a renderer exists), the sweep
-   tables with every generation (``sweep_instruct.jsonl``, ``sweep_base.jsonl``; read them
-   with ``pandas.read_json(path, lines=True, dtype=False)``), the circuits, and
-   ``summary.json``.
+The stages, each one function of this module, sequenced by :func:`reproduce`:
 
-Prompt sets come from :func:`cna_lens.organism.prompts`, or from ``--prompts DIR`` holding
-``discovery_harmful.json``, ``discovery_benign.json``, ``eval_harmful.json``,
-``eval_benign.json`` (lists of strings) and optionally ``borderline.json``,
-``universal.json`` and ``capability.json`` (a list of ``{"question", "answer"[,
-"choices"]}``) — so ``--model`` can be any hub name or local directory.
+1. :func:`load_inputs`: prompt sets (capped for ``--quick``), warning on any overlap
+   between discovery and evaluation prompts;
+2. :func:`discover_stage`: the circuit (:class:`~cna_lens.discovery.DiscoveryConfig`, the
+   same pipeline as :func:`cna_lens.discover_full`), keeping per-prompt activations for the
+   bootstrap;
+3. :func:`caa_stage`: the CAA vectors;
+4. :func:`sweep_instruct_stage`: CNA multipliers, CAA strengths and a random control on
+   held-out harmful, benign, borderline prompts and capability questions;
+5. :func:`cards_stage`: neuron cards of the top circuit neurons (for the report);
+6. :func:`base_stage` (optional): the base model's circuit and its sweep at m = 0, 1, max;
+7. :func:`analyse_stage`: layer distribution, overlap with its chance level, stability;
+8. :func:`figures_stage`, :func:`build_summary` and :func:`write_outputs`: figures (HTML,
+   PNG where a renderer exists), ``report.html``, the sweep tables with every generation
+   (``sweep_instruct.jsonl``; read with ``pandas.read_json(path, lines=True, dtype=False)``),
+   the circuits and ``summary.json`` (a :class:`~cna_lens.summary.Summary`).
+
+Artifacts name models by portable ids (``organism:instruct``, a file or directory name, a
+hub name), never by an absolute path of the machine that ran them.
+
+``--prompts DIR`` holds ``discovery_harmful.json``, ``discovery_benign.json``,
+``eval_harmful.json``, ``eval_benign.json`` (lists of strings, or of objects with a
+``"prompt"`` key) and optionally ``borderline.json``, ``universal.json`` and
+``capability.json`` (a list of ``{"question", "answer"[, "choices"]}``).
 """
 
 from __future__ import annotations
@@ -38,10 +50,20 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from cna_lens.discovery import DiscoveryConfig
 from cna_lens.errors import CNAError
 from cna_lens.evaluation import CAA_ALPHAS, CNA_MULTIPLIERS
+from cna_lens.summary import (
+    BaseResult,
+    CAAResult,
+    InstructResult,
+    LayerResult,
+    OverlapResult,
+    Summary,
+)
 
-__all__ = ["QUICK", "ReproduceConfig", "Reproduction", "format_summary", "register", "reproduce"]
+__all__ = ["QUICK", "Inputs", "ReproduceConfig", "Reproduction", "format_summary", "register",
+           "reproduce"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,29 +76,32 @@ class ReproduceConfig:
     """Everything a reproduction run depends on (recorded in ``summary.json``).
 
     Attributes:
-        model: Instruct model (hub name or local dir); None: the organism's instruct model.
-        base_model: Base model; None: the organism's base model.
-        prompts: Folder of prompt-set JSON files; None: the organism's prompt sets.
+        model: Instruct model (hub name, local dir, .gguf, ``zoo:NAME``,
+            ``organism:instruct``); None: the organism's instruct model.
+        base_model: Base model; None: the organism's base model when ``model`` is the
+            organism, else no base stages.
+        prompts: Folder of prompt-set JSON files; None: the organism's sets for the
+            organism, the shipped English sets otherwise.
         out: Output folder for figures, tables and ``summary.json``.
-        fraction: Circuit size as a fraction of all MLP neurons. None (default): the
-            organism's documented ``organism.CIRCUIT_FRACTION`` (1% = 31 neurons; the
-            paper's 0.1% is 3 neurons there) on the organism, the paper's 0.1% otherwise.
-        top_k: Circuit size as a count (overrides ``fraction``).
-        multipliers: CNA multipliers of the sweep.
-        caa_alphas: CAA strengths of the sweep.
+        discovery: How circuits are found (size rule, score, universal filter). None: the
+            defaults, with the fraction below. Its ``universal_prompts`` default to the
+            prompt folder's ``universal.json`` or the shipped set.
+        fraction: Circuit size when ``discovery`` is None. None: the organism's documented
+            ``organism.CIRCUIT_FRACTION`` (1%; the paper's 0.1% is 3 neurons there) on the
+            organism, the paper's 0.1% otherwise.
+        top_k: Circuit size as a count when ``discovery`` is None (overrides ``fraction``).
+        multipliers: CNA multipliers of the sweep (must include 0 and 1).
+        caa_alphas: CAA strengths of the sweep (must include 0).
         caa_layers: Layers CAA steers (None: the middle layer).
-        n_discovery: Prompts per discovery set (None: all).
-        n_eval: Prompts per evaluation set (None: all).
-        n_capability: Capability questions (None: all).
-        n_universal: Universal-filter prompts (None: all).
+        n_discovery, n_eval, n_capability, n_universal: Caps on the prompt sets (None: all).
         n_bootstrap: Bootstrap resamples for stability.
+        n_cards: Neuron cards in ``report.html`` (top circuit neurons).
         max_new_tokens: Generation length.
         batch_size: Prompts per batch (forward passes and generation).
         seed: Seed of the random control and the bootstrap.
         device: Torch device (None: CUDA if available).
-        threads: CPU threads for torch during the run (None: 1 thread for models under
-            100M parameters, whose many tiny ops run up to 10x slower when two threads
-            contend for busy cores; torch's default otherwise). Restored afterwards.
+        threads: CPU threads for torch (None: 1 thread for models under 100M parameters,
+            torch's default otherwise). Restored afterwards.
         png: Try PNG export of the figures.
     """
 
@@ -84,6 +109,7 @@ class ReproduceConfig:
     base_model: str | None = None
     prompts: str | None = None
     out: str = "figures"
+    discovery: DiscoveryConfig | None = None
     fraction: float | None = None
     top_k: int | None = None
     multipliers: tuple[float, ...] = CNA_MULTIPLIERS
@@ -94,6 +120,7 @@ class ReproduceConfig:
     n_capability: int | None = None
     n_universal: int | None = None
     n_bootstrap: int = 100
+    n_cards: int = 3
     max_new_tokens: int = 32
     batch_size: int = 64
     seed: int = 0
@@ -120,42 +147,93 @@ class ReproduceConfig:
             raise CNAError(f"threads must be >= 1 or None, got {self.threads}")
         if self.n_bootstrap < 1:
             raise CNAError(f"n_bootstrap must be >= 1, got {self.n_bootstrap}")
+        if self.n_cards < 0:
+            raise CNAError(f"n_cards must be >= 0, got {self.n_cards}")
+        if self.discovery is not None and (self.fraction is not None or self.top_k is not None):
+            raise CNAError("pass the circuit size either in discovery=DiscoveryConfig(...) or "
+                           "as fraction/top_k, not both")
         if self.caa_layers is not None:
             object.__setattr__(self, "caa_layers", tuple(int(x) for x in self.caa_layers))
 
+    @property
+    def on_organism(self) -> bool:
+        """Whether the instruct model is the shipped organism."""
+        return self.model is None or self.model.startswith("organism:")
 
-QUICK = dict(multipliers=(0.0, 1.0, 3.0), caa_alphas=(-4.0, 0.0, 4.0), n_discovery=16,
-             n_eval=16, n_capability=16, n_universal=20, n_bootstrap=20, max_new_tokens=12)
-"""Overrides of ``--quick``: a smoke run of the whole pipeline in well under a minute."""
+
+QUICK: dict[str, Any] = dict(
+    multipliers=(0.0, 1.0, 2.0), caa_alphas=(-4.0, 0.0, 4.0), n_discovery=48, n_eval=24,
+    n_capability=24, n_universal=20, n_bootstrap=20, n_cards=2, max_new_tokens=16)
+"""Overrides of ``--quick``: a smoke run of the whole pipeline (under a minute on the
+organism, about 10-15 minutes for a 0.5B model on 2 CPU cores)."""
 
 
 @dataclass(frozen=True)
 class Reproduction:
     """The results of a run: ``summary`` is what ``summary.json`` holds."""
 
-    summary: dict[str, Any]
+    summary: Summary
     instruct_results: pd.DataFrame
-    base_results: pd.DataFrame
+    base_results: pd.DataFrame | None
     circuits: dict[str, Any]
     figures: dict[str, Any]
     files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The prompt sets of a run, capped and validated."""
+
+    positive: list[str]
+    negative: list[str]
+    universal: list[str] | None
+    eval_sets: dict[str, list[str]]
+    capability: list[Any] | None
+    source: str
+    """Where they came from: "organism", "english" or the folder's name."""
+
+
+@dataclass(frozen=True)
+class Discovered:
+    """A circuit with its universal neurons and the per-prompt activations behind it."""
+
+    circuit: Any
+    universal: Any
+    positive_acts: Any
+    negative_acts: Any
 
 
 # ----------------------------------------------------------------------------- inputs
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CNAError(f"{path}: not UTF-8 text ({exc.reason}); save it as UTF-8") from exc
     except json.JSONDecodeError as exc:
         raise CNAError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def load_prompt_sets(folder: str | None) -> dict[str, Any]:
-    """The prompt sets by name, from ``folder`` or from the organism.
+def _texts(items: Any, name: str) -> Any:
+    """Prompt objects ({"prompt": ...}) to strings; other sets unchanged."""
+    if name == "capability" or not isinstance(items, list):
+        return items
+    return [x["prompt"] if isinstance(x, Mapping) and "prompt" in x else x for x in items]
+
+
+def load_prompt_sets(folder: str | None, *, source: str = "organism") -> dict[str, Any]:
+    """The prompt sets by name: from ``folder``, else the organism's or the English sets.
 
     Raises:
         CNAError: a required set is missing.
     """
     sets: dict[str, Any] = {}
+    if folder is None and source == "english":
+        from cna_lens import prompt_sets
+
+        for name in REQUIRED_SETS + ("borderline",):
+            sets[name] = prompt_sets.prompts(name)
+        sets["capability"] = prompt_sets.records("capability")
+        return sets
     if folder is None:
         from cna_lens import organism
 
@@ -173,63 +251,225 @@ def load_prompt_sets(folder: str | None) -> dict[str, Any]:
     for name in REQUIRED_SETS + OPTIONAL_SETS:
         path = root / f"{name}.json"
         if path.is_file():
-            sets[name] = _read_json(path)
+            sets[name] = _texts(_read_json(path), name)
         elif name in REQUIRED_SETS:
             raise CNAError(f"prompt folder {folder!r} has no {name}.json; it needs "
                            f"{', '.join(s + '.json' for s in REQUIRED_SETS)}")
     return sets
 
 
-def _model_path(name: str | None, kind: str) -> str:
-    if name is not None:
-        if name.startswith("organism:"):
-            kind, name = name.split(":", 1)[1], None
-        else:
-            return name
-    from cna_lens import organism
-
-    try:
-        return str(organism.path(kind))
-    except (FileNotFoundError, ValueError) as exc:
-        raise CNAError(f"the organism's {kind} model is not available ({exc}); pass "
-                       f"--{'model' if kind == 'instruct' else 'base-model'}") from exc
-
-
 def _cap(items: Sequence[Any], n: int | None) -> list[Any]:
     return list(items) if n is None else list(items)[:n]
 
 
-# ----------------------------------------------------------------------------- stages
-def _discover(model: Any, positive: list[str], negative: list[str], universal: list[str] | None,
-              cfg: ReproduceConfig) -> tuple[Any, Any, Any, Any]:
-    """Circuit, universal neurons, and per-prompt activations of both sets.
+def load_inputs(cfg: ReproduceConfig) -> Inputs:
+    """Stage 1: the prompt sets of the run (see :func:`load_prompt_sets`), capped.
 
-    Selects exactly as :func:`cna_lens.discover_full` does, from the same statistics, but
-    keeps the per-prompt activations for the bootstrap (one forward pass per prompt set).
+    Raises:
+        CNAError: a missing or malformed set.
     """
-    from cna_lens.activations import NeuronStats
+    from cna_lens.evaluation import load_capability
+    from cna_lens.loading import validate_prompts
+    from cna_lens.prompt_sets import warn_overlap
+
+    source = "organism" if cfg.on_organism else "english"
+    sets = load_prompt_sets(cfg.prompts, source=source)
+    pos = validate_prompts(_cap(sets["discovery_harmful"], cfg.n_discovery), "discovery_harmful")
+    neg = validate_prompts(_cap(sets["discovery_benign"], cfg.n_discovery), "discovery_benign")
+    universal = (validate_prompts(_cap(sets["universal"], cfg.n_universal), "universal")
+                 if "universal" in sets else None)
+    if universal is None and cfg.n_universal is not None:
+        from cna_lens.universal import default_universal_prompts
+
+        universal = default_universal_prompts()[: cfg.n_universal]
+    eval_sets = {
+        "harmful": validate_prompts(_cap(sets["eval_harmful"], cfg.n_eval), "eval_harmful"),
+        "benign": validate_prompts(_cap(sets["eval_benign"], cfg.n_eval), "eval_benign"),
+    }
+    if "borderline" in sets:
+        eval_sets["borderline"] = validate_prompts(_cap(sets["borderline"], cfg.n_eval),
+                                                   "borderline")
+    for prompts in eval_sets.values():
+        warn_overlap(pos + neg, prompts)
+    capability = (_cap(load_capability(sets["capability"]), cfg.n_capability)
+                  if "capability" in sets else None)
+    label = Path(cfg.prompts).name if cfg.prompts is not None else source
+    return Inputs(pos, neg, universal, eval_sets, capability, label)
+
+
+def _model_path(name: str | None, kind: str) -> str:
+    """A loadable path: ``organism:KIND`` / None -> the organism, ``zoo:NAME`` -> the cache."""
+    if name is not None and name.startswith("zoo:"):
+        from cna_lens import zoo
+
+        return zoo.resolve(name)
+    if name is not None and not name.startswith("organism:"):
+        return name
+    from cna_lens import organism
+
+    kind = name.split(":", 1)[1] if name is not None else kind
+    try:
+        return str(organism.path(kind))
+    except (FileNotFoundError, ValueError) as exc:
+        raise CNAError(f"the organism has no {kind!r} model ({exc}); valid: organism:instruct, "
+                       f"organism:base, or pass --{'model' if kind == 'instruct' else 'base-model'}"
+                       ) from exc
+
+
+def resolve_models(cfg: ReproduceConfig) -> tuple[str, str | None]:
+    """The instruct and (optional) base model paths of a run.
+
+    The organism's base is used only with the organism's instruct model: a real model is
+    never paired with it.
+    """
+    instruct = _model_path(cfg.model, "instruct")
+    if cfg.base_model is not None:
+        return instruct, _model_path(cfg.base_model, "base")
+    return instruct, (_model_path(None, "base") if cfg.on_organism else None)
+
+
+def discovery_config(cfg: ReproduceConfig, inputs: Inputs) -> DiscoveryConfig:
+    """The run's :class:`DiscoveryConfig`: ``cfg.discovery`` or one from fraction/top_k,
+    with the run's universal prompts and batch size filled in where not given."""
+    if cfg.discovery is not None:
+        dcfg = cfg.discovery
+    else:
+        if cfg.top_k is not None:
+            size: dict[str, Any] = {"top_k": cfg.top_k, "fraction": None}
+        elif cfg.fraction is not None:
+            size = {"fraction": cfg.fraction}
+        elif cfg.on_organism:
+            from cna_lens.organism import CIRCUIT_FRACTION
+
+            size = {"fraction": CIRCUIT_FRACTION}
+        else:
+            size = {"fraction": 0.001}
+        dcfg = DiscoveryConfig(**size, batch_size=cfg.batch_size)
+    if dcfg.universal_prompts is None and inputs.universal is not None:
+        dcfg = replace(dcfg, universal_prompts=tuple(inputs.universal))
+    return dcfg
+
+
+# ----------------------------------------------------------------------------- stages
+def discover_stage(model: Any, inputs: Inputs, dcfg: DiscoveryConfig) -> Discovered:
+    """Stage 2: the circuit, through the same pipeline as :func:`cna_lens.discover_full`,
+    keeping the per-prompt activations of both sets for the bootstrap."""
+    from cna_lens.activations import NeuronStats, activation_stats
     from cna_lens.analysis import prompt_activations
-    from cna_lens.attribution import Attribution
-    from cna_lens.circuit import Provenance
-    from cna_lens.discovery import circuit_from_attribution
-    from cna_lens.loading import MLP_HOOK, model_fingerprint, model_id, prompt_set_hash
-    from cna_lens.universal import find_universal_neurons
+    from cna_lens.discovery import discover_with
 
-    pos = prompt_activations(model, positive, batch_size=cfg.batch_size, desc="positive")
-    neg = prompt_activations(model, negative, batch_size=cfg.batch_size, desc="negative")
-    attribution = Attribution(NeuronStats.of(pos), NeuronStats.of(neg))
-    uni = find_universal_neurons(model, universal, batch_size=cfg.batch_size)
-    provenance = Provenance(model_id=model_id(model), fingerprint=model_fingerprint(model),
-                            hook=MLP_HOOK, positive_hash=prompt_set_hash(positive),
-                            negative_hash=prompt_set_hash(negative))
-    circuit = circuit_from_attribution(
-        attribution, fraction=None if cfg.top_k is not None else cfg.fraction,
-        top_k=cfg.top_k, universal=uni, provenance=provenance)
-    return circuit, uni, pos, neg
+    kept: dict[str, Any] = {}
+
+    def stats(prompts: Sequence[str], desc: str = "activations",
+              top_fraction: float | None = None) -> tuple[Any, Any]:
+        if top_fraction is not None or desc not in ("positive", "negative"):
+            return activation_stats(model, prompts, batch_size=dcfg.batch_size, desc=desc,
+                                    top_fraction=top_fraction)
+        acts = prompt_activations(model, prompts, batch_size=dcfg.batch_size, desc=desc)
+        kept[desc] = acts
+        return NeuronStats.of(acts), None
+
+    found = discover_with(stats, model, inputs.positive, inputs.negative, dcfg)
+    return Discovered(found.circuit, found.universal, kept["positive"], kept["negative"])
 
 
+def caa_stage(model: Any, inputs: Inputs, cfg: ReproduceConfig) -> tuple[Any, tuple[int, ...]]:
+    """Stage 3: the CAA vectors of the instruct model and the layers they steer."""
+    from cna_lens.caa import compute_caa, default_caa_layers
+
+    caa = compute_caa(model, inputs.positive, inputs.negative, batch_size=cfg.batch_size)
+    return caa, tuple(cfg.caa_layers or default_caa_layers(int(model.cfg.n_layers)))
+
+
+def sweep_instruct_stage(model: Any, inputs: Inputs, found: Discovered, caa: Any,
+                         caa_layers: Sequence[int], cfg: ReproduceConfig, *,
+                         judge: Callable[[str, str], float] | None = None,
+                         on_condition: Callable[[str, float], None] | None = None
+                         ) -> pd.DataFrame:
+    """Stage 4: CNA, CAA and the random control on every held-out set."""
+    from cna_lens.evaluation import sweep
+
+    return sweep(
+        model, inputs.eval_sets, circuit=found.circuit, caa=caa, capability=inputs.capability,
+        multipliers=cfg.multipliers, caa_alphas=cfg.caa_alphas, caa_layers=caa_layers,
+        random_control=True, control_multipliers=(0.0,), seed=cfg.seed, judge=judge,
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, on_condition=on_condition)
+
+
+def cards_stage(model: Any, inputs: Inputs, found: Discovered, cfg: ReproduceConfig
+                ) -> list[Any]:
+    """Stage 5: neuron cards of the top ``cfg.n_cards`` circuit neurons (for the report)."""
+    from cna_lens.explore import neuron_card
+
+    n = min(cfg.n_cards, len(found.circuit))
+    sample = 32  # enough prompts for the distributions, cheap on a real model
+    return [neuron_card(model, found.circuit, inputs.positive[:sample],
+                        inputs.negative[:sample], rank=r,
+                        ablation_prompts=inputs.eval_sets["harmful"][:4],
+                        names=("harmful", "benign"), batch_size=cfg.batch_size)
+            for r in range(n)]
+
+
+def base_stage(base: Any, inputs: Inputs, dcfg: DiscoveryConfig, cfg: ReproduceConfig, *,
+               on_condition: Callable[[str, float], None] | None = None
+               ) -> tuple[Discovered, pd.DataFrame]:
+    """Stage 6: the base model's own circuit (same rule) and its sweep at m = 0, 1, max."""
+    from cna_lens.evaluation import sweep
+
+    found = discover_stage(base, inputs, dcfg)
+    mults = tuple(sorted({0.0, 1.0, max(cfg.multipliers)}))
+    results = sweep(
+        base, {k: v for k, v in inputs.eval_sets.items() if k in ("harmful", "benign")},
+        circuit=found.circuit, multipliers=mults, random_control=False,
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, on_condition=on_condition)
+    return found, results
+
+
+def analyse_stage(inst: Discovered, base: Discovered | None, dcfg: DiscoveryConfig,
+                  cfg: ReproduceConfig) -> tuple[Any, Any]:
+    """Stage 7: base/instruct overlap (None without a base) and bootstrap stability."""
+    from cna_lens.analysis import bootstrap_stability, circuit_overlap
+
+    overlap = None
+    if base is not None:
+        a, b = inst.circuit, base.circuit
+        if (a.n_layers, a.d_mlp) != (b.n_layers, b.d_mlp):
+            raise CNAError(f"instruct [{a.n_layers}, {a.d_mlp}] and base [{b.n_layers}, "
+                           f"{b.d_mlp}] neuron grids differ; overlap needs a matched pair")
+        overlap = circuit_overlap(a, b)
+    stability = bootstrap_stability(
+        inst.positive_acts, inst.negative_acts, fraction=dcfg.fraction, top_k=dcfg.top_k,
+        exclude=None if inst.universal is None else inst.universal.mask,
+        exclude_layers=dcfg.exclude_layers, n_resamples=cfg.n_bootstrap, seed=cfg.seed,
+        score=dcfg.score)
+    return overlap, stability
+
+
+def figures_stage(circuits: Mapping[str, Any], inst_results: pd.DataFrame, overlap: Any,
+                  stability: Any, has_capability: bool) -> dict[str, Any]:
+    """Stage 8a: the Plotly figures of the run."""
+    from cna_lens.plots import (
+        capability_figure,
+        layer_histogram,
+        overlap_figure,
+        stability_figure,
+        steering_figure,
+    )
+
+    figs = {"layers": layer_histogram(dict(circuits)), "steering": steering_figure(inst_results),
+            "stability": stability_figure(stability)}
+    if overlap is not None:
+        figs["overlap"] = overlap_figure(overlap, names=("instruct", "base"))
+    if has_capability:
+        figs["capability"] = capability_figure(inst_results)
+    return figs
+
+
+# ----------------------------------------------------------------------------- summary
 def _rate(summary: pd.DataFrame, method: str, strength: float, prompt_set: str,
           column: str = "refusal_rate") -> float | None:
+    if column not in summary.columns:
+        return None
     row = summary[(summary["method"] == method) & (summary["strength"] == strength)
                   & (summary["prompt_set"] == prompt_set)]
     if row.empty:
@@ -242,18 +482,26 @@ def _key(x: float) -> str:
     return f"{x:g}"
 
 
-def _build_summary(cfg: ReproduceConfig, inst: pd.DataFrame, base: pd.DataFrame,
-                   circuits: dict[str, Any], universal: dict[str, Any], caa_layers: tuple[int, ...],
-                   overlap: Any, stability: Any, meta: dict[str, Any]) -> dict[str, Any]:
+def _layers(circuit: Any) -> LayerResult:
     from cna_lens.analysis import layer_distribution
+
+    d = layer_distribution(circuit)
+    return LayerResult(frac_last_quarter=d.frac_last_quarter, frac_last_3=d.frac_last_3,
+                       frac_last_layer=d.frac_last_layer, frac_last_10pct=d.frac_last_10pct,
+                       per_layer=list(d.per_layer))
+
+
+def build_summary(cfg: ReproduceConfig, inst_results: pd.DataFrame,
+                  base_results: pd.DataFrame | None, inst: Discovered, base: Discovered | None,
+                  caa_layers: Sequence[int], overlap: Any, stability: Any,
+                  meta: dict[str, Any], judged: bool = False) -> Summary:
+    """The typed summary of a run from the sweep tables and analyses (pure)."""
     from cna_lens.evaluation import summarize
 
-    s, b = summarize(inst), summarize(base)
+    s = summarize(inst_results)
     amp = max(cfg.multipliers)
-    refusal_baseline = _rate(s, "cna", 1.0, "harmful")
-    refusal_ablated = _rate(s, "cna", 0.0, "harmful")
-    drop = (None if not refusal_baseline or refusal_ablated is None
-            else (refusal_baseline - refusal_ablated) / refusal_baseline)
+    baseline, ablated = _rate(s, "cna", 1.0, "harmful"), _rate(s, "cna", 0.0, "harmful")
+    drop = None if not baseline or ablated is None else (baseline - ablated) / baseline
     pair = s[s["prompt_set"].isin(["harmful", "benign"])]
 
     def quality_by(method: str) -> dict[str, float]:
@@ -263,70 +511,61 @@ def _build_summary(cfg: ReproduceConfig, inst: pd.DataFrame, base: pd.DataFrame,
     def by_alpha(prompt_set: str, column: str = "refusal_rate") -> dict[str, float | None]:
         return {_key(a): _rate(s, "caa", a, prompt_set, column) for a in cfg.caa_alphas}
 
+    def by_m(prompt_set: str, column: str = "refusal_rate") -> dict[str, float | None]:
+        return {_key(m): _rate(s, "cna", m, prompt_set, column) for m in cfg.multipliers}
+
     cna_quality = quality_by("cna")
-    max_alpha = max(cfg.caa_alphas, key=abs)
-
-    def layers(c: Any) -> dict[str, Any]:
-        d = layer_distribution(c)
-        return {"frac_last_quarter": d.frac_last_quarter, "frac_last_3": d.frac_last_3,
-                "frac_last_layer": d.frac_last_layer, "frac_last_10pct": d.frac_last_10pct,
-                "per_layer": list(d.per_layer)}
-
-    return {
-        "instruct": {
-            "refusal_baseline": refusal_baseline,
-            "refusal_ablated": refusal_ablated,
-            "relative_drop": drop,
-            "over_refusal_baseline": _rate(s, "cna", 1.0, "benign"),
-            "over_refusal_ablated": _rate(s, "cna", 0.0, "benign"),
-            "quality_min_cna": min(cna_quality.values()),
-            "quality_by_multiplier": cna_quality,
-            "refusal_by_multiplier": {_key(m): _rate(s, "cna", m, "harmful")
-                                      for m in cfg.multipliers},
-            "over_refusal_by_multiplier": {_key(m): _rate(s, "cna", m, "benign")
-                                           for m in cfg.multipliers},
-            "capability_baseline": _rate(s, "cna", 1.0, "capability", "accuracy"),
-            "capability_ablated": _rate(s, "cna", 0.0, "capability", "accuracy"),
-            "capability_by_multiplier": {_key(m): _rate(s, "cna", m, "capability", "accuracy")
-                                         for m in cfg.multipliers},
-            "random_control_refusal": _rate(s, "random", 0.0, "harmful"),
-            "amplified_multiplier": amp,
-            "refusal_amplified_borderline": _rate(s, "cna", amp, "borderline"),
-            "refusal_baseline_borderline": _rate(s, "cna", 1.0, "borderline"),
-            "circuit_size": len(circuits["instruct"]),
-            "universal_removed": len(universal["instruct"]),
-        },
-        "base": {
-            "refusal_baseline": _rate(b, "cna", 1.0, "harmful"),
-            "refusal_ablated": _rate(b, "cna", 0.0, "harmful"),
-            "refusal_amplified": _rate(b, "cna", amp, "harmful"),
-            "over_refusal_baseline": _rate(b, "cna", 1.0, "benign"),
-            "circuit_size": len(circuits["base"]),
-            "universal_removed": len(universal["base"]),
-        },
-        "caa": {
-            "layers": list(caa_layers),
-            "refusal_by_alpha": by_alpha("harmful"),
-            "over_refusal_by_alpha": by_alpha("benign"),
-            "quality_by_alpha": quality_by("caa"),
-            "capability_by_alpha": by_alpha("capability", "accuracy"),
-            "max_alpha": max_alpha,
-        },
-        "layers": {"instruct": layers(circuits["instruct"]), "base": layers(circuits["base"])},
-        "overlap": {
-            "overlap_fraction": overlap.overlap_fraction,
-            "jaccard": overlap.jaccard,
-            "chance_overlap_fraction": overlap.chance_overlap_fraction,
-            "intersection": overlap.intersection,
-            "layer_similarity": overlap.layer_similarity,
-            "layer_cosine": overlap.layer_cosine,
-            "per_layer": {"instruct": list(overlap.per_layer_a), "base": list(overlap.per_layer_b),
-                          "shared": list(overlap.per_layer_intersection),
-                          "chance": list(overlap.per_layer_chance)},
-        },
-        "stability": {k: v for k, v in stability.to_dict().items() if k != "jaccards"},
-        "meta": meta,
-    }
+    instruct = InstructResult(
+        refusal_baseline=baseline, refusal_ablated=ablated, relative_drop=drop,
+        over_refusal_baseline=_rate(s, "cna", 1.0, "benign"),
+        over_refusal_ablated=_rate(s, "cna", 0.0, "benign"),
+        quality_min_cna=min(cna_quality.values()) if cna_quality else None,
+        quality_by_multiplier=cna_quality,
+        refusal_by_multiplier=by_m("harmful"), over_refusal_by_multiplier=by_m("benign"),
+        capability_baseline=_rate(s, "cna", 1.0, "capability", "accuracy"),
+        capability_ablated=_rate(s, "cna", 0.0, "capability", "accuracy"),
+        capability_by_multiplier=by_m("capability", "accuracy"),
+        random_control_refusal=_rate(s, "random", 0.0, "harmful"),
+        amplified_multiplier=amp,
+        refusal_amplified_borderline=_rate(s, "cna", amp, "borderline"),
+        refusal_baseline_borderline=_rate(s, "cna", 1.0, "borderline"),
+        circuit_size=len(inst.circuit),
+        universal_removed=0 if inst.universal is None else len(inst.universal),
+        judge_baseline=_rate(s, "cna", 1.0, "harmful", "judge") if judged else None,
+        judge_ablated=_rate(s, "cna", 0.0, "harmful", "judge") if judged else None,
+    )
+    base_result, skipped = None, {}
+    layers = {"instruct": _layers(inst.circuit)}
+    if base is not None and base_results is not None:
+        b = summarize(base_results)
+        base_result = BaseResult(
+            refusal_baseline=_rate(b, "cna", 1.0, "harmful"),
+            refusal_ablated=_rate(b, "cna", 0.0, "harmful"),
+            refusal_amplified=_rate(b, "cna", amp, "harmful"),
+            over_refusal_baseline=_rate(b, "cna", 1.0, "benign"),
+            circuit_size=len(base.circuit),
+            universal_removed=0 if base.universal is None else len(base.universal))
+        layers["base"] = _layers(base.circuit)
+    else:
+        skipped = {name: "no base model given (--base-model)"
+                   for name in ("load base", "discover base", "sweep base", "overlap")}
+    ov = None
+    if overlap is not None:
+        ov = OverlapResult(
+            overlap_fraction=overlap.overlap_fraction, jaccard=overlap.jaccard,
+            chance_overlap_fraction=overlap.chance_overlap_fraction,
+            intersection=overlap.intersection, layer_similarity=overlap.layer_similarity,
+            layer_cosine=overlap.layer_cosine,
+            per_layer={"instruct": list(overlap.per_layer_a), "base": list(overlap.per_layer_b),
+                       "shared": list(overlap.per_layer_intersection),
+                       "chance": list(overlap.per_layer_chance)})
+    caa = CAAResult(layers=list(caa_layers), refusal_by_alpha=by_alpha("harmful"),
+                    over_refusal_by_alpha=by_alpha("benign"), quality_by_alpha=quality_by("caa"),
+                    capability_by_alpha=by_alpha("capability", "accuracy"),
+                    max_alpha=max(cfg.caa_alphas, key=abs))
+    return Summary(instruct=instruct, base=base_result, caa=caa, layers=layers, overlap=ov,
+                   stability={k: v for k, v in stability.to_dict().items() if k != "jaccards"},
+                   meta=meta, skipped=skipped)
 
 
 def _pct(x: float | None) -> str:
@@ -337,47 +576,50 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def format_summary(summary: Mapping[str, Any]) -> str:
+def format_summary(summary: Summary | Mapping[str, Any]) -> str:
     """The paper's claims next to this run's numbers, as a plain-text table."""
-    i, b, c = summary["instruct"], summary["base"], summary["caa"]
-    lay, ov, st = summary["layers"], summary["overlap"], summary["stability"]
-    amp = i["amplified_multiplier"]
-    amax = _key(c["max_alpha"])
-    n_total = summary["meta"]["n_layers"] * summary["meta"]["d_mlp"]
+    if not isinstance(summary, Summary):
+        summary = Summary.from_dict(summary)
+    i, b, c, ov = summary.instruct, summary.base, summary.caa, summary.overlap
+    lay, st = summary.layers, summary.stability
+    amp = i.amplified_multiplier
+    amax = _key(c.max_alpha)
+    n_total = summary.meta["n_layers"] * summary.meta["d_mlp"]
+    skipped = "skipped: no base model"
     rows = [
         ("refusal, harmful: m=1 -> m=0", "87% -> 2% (Qwen2.5-7B); >50% rel. drop",
-         f"{_pct(i['refusal_baseline'])} -> {_pct(i['refusal_ablated'])} "
-         f"(drop {_pct(i['relative_drop'])})"),
+         f"{_pct(i.refusal_baseline)} -> {_pct(i.refusal_ablated)} "
+         f"(drop {_pct(i.relative_drop)})"),
         ("over-refusal, benign: m=1 -> m=0", "-",
-         f"{_pct(i['over_refusal_baseline'])} -> {_pct(i['over_refusal_ablated'])}"),
-        ("random neurons, same layers, m=0", "-", _pct(i["random_control_refusal"])),
+         f"{_pct(i.over_refusal_baseline)} -> {_pct(i.over_refusal_ablated)}"),
+        ("random neurons, same layers, m=0", "-", _pct(i.random_control_refusal)),
         (f"borderline refusal: m=1 -> m={amp:g}", "m=2 refuses more strongly",
-         f"{_pct(i['refusal_baseline_borderline'])} -> {_pct(i['refusal_amplified_borderline'])}"),
-        ("output quality, CNA (min over m)", "> 0.97 at every m", _num(i["quality_min_cna"])),
+         f"{_pct(i.refusal_baseline_borderline)} -> {_pct(i.refusal_amplified_borderline)}"),
+        ("output quality, CNA (min over m)", "> 0.97 at every m", _num(i.quality_min_cna)),
         (f"output quality, CAA at alpha={amax}", "< 0.60 (6 of 8 models)",
-         _num(c["quality_by_alpha"].get(amax))),
-        ("refusal, CAA at alpha=" + amax, "-", _pct(c["refusal_by_alpha"].get(amax))),
+         _num(c.quality_by_alpha.get(amax))),
+        ("refusal, CAA at alpha=" + amax, "-", _pct(c.refusal_by_alpha.get(amax))),
         ("capability: m=1 -> m=0", "MMLU within 1 point",
-         f"{_pct(i['capability_baseline'])} -> {_pct(i['capability_ablated'])}"),
-        (f"capability, CAA at alpha={amax}", "near zero",
-         _pct(c["capability_by_alpha"].get(amax))),
+         f"{_pct(i.capability_baseline)} -> {_pct(i.capability_ablated)}"),
+        (f"capability, CAA at alpha={amax}", "near zero", _pct(c.capability_by_alpha.get(amax))),
         (f"base refusal: m=1 -> m=0 -> m={amp:g}", "no behavioural change",
-         f"{_pct(b['refusal_baseline'])} -> {_pct(b['refusal_ablated'])} -> "
-         f"{_pct(b['refusal_amplified'])}"),
+         skipped if b is None else f"{_pct(b.refusal_baseline)} -> {_pct(b.refusal_ablated)} "
+         f"-> {_pct(b.refusal_amplified)}"),
         ("instruct circuit in last quarter / last 3", "95% (Qwen2.5-3B) / 87% (Llama-3.2-1B)",
-         f"{_pct(lay['instruct']['frac_last_quarter'])} / {_pct(lay['instruct']['frac_last_3'])}"),
+         f"{_pct(lay['instruct'].frac_last_quarter)} / {_pct(lay['instruct'].frac_last_3)}"),
         ("base circuit in last quarter / last 3", "-",
-         f"{_pct(lay['base']['frac_last_quarter'])} / {_pct(lay['base']['frac_last_3'])}"),
+         skipped if "base" not in lay else
+         f"{_pct(lay['base'].frac_last_quarter)} / {_pct(lay['base'].frac_last_3)}"),
         ("base vs instruct overlap (chance)", "8-29% of pairs",
-         f"{_pct(ov['overlap_fraction'])} ({ov['chance_overlap_fraction']:.1%}), "
-         f"Jaccard {ov['jaccard']:.2f}"),
+         skipped if ov is None else f"{_pct(ov.overlap_fraction)} "
+         f"({ov.chance_overlap_fraction:.1%}), Jaccard {ov.jaccard:.2f}"),
         ("layer-level similarity (1 - TV)", "layer structure preserved",
-         _num(ov["layer_similarity"])),
+         skipped if ov is None else _num(ov.layer_similarity)),
         ("bootstrap Jaccard mean / min", "-",
-         f"{_num(st['jaccard_mean'])} / {_num(st['jaccard_min'])}"),
+         f"{_num(st.get('jaccard_mean'))} / {_num(st.get('jaccard_min'))}"),
         ("circuit size (universal removed)", "0.1% of neurons",
-         f"{i['circuit_size']} of {n_total} = {i['circuit_size'] / n_total:.2%} "
-         f"({i['universal_removed']})"),
+         f"{i.circuit_size} of {n_total} = {i.circuit_size / n_total:.2%} "
+         f"({i.universal_removed})"),
     ]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
@@ -386,14 +628,65 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- main job
-def _default_fraction(model: str | None) -> float:
-    """The organism's documented circuit fraction, or the paper's 0.1% for other models."""
-    if model is None:
-        from cna_lens.organism import CIRCUIT_FRACTION
+# ----------------------------------------------------------------------------- writing
+def write_outputs(out: Path, summary: Summary, figs: Mapping[str, Any],
+                  tables: Mapping[str, pd.DataFrame], circuits: Mapping[str, Any],
+                  cards: Sequence[Any], png: bool) -> tuple[dict[str, Path], str | None]:
+    """Stage 8b: figures, report.html, sweep tables (JSON lines) and circuits into ``out``.
 
-        return CIRCUIT_FRACTION
-    return 0.001
+    Returns:
+        The files written by name, and why PNG export did not happen (None if it did).
+    """
+    from cna_lens.figures import save_figures
+    from cna_lens.report import write_report
+
+    files: dict[str, Path] = {}
+    saved = save_figures(dict(figs), out, png=png)
+    files.update({f"{k}.html": v for k, v in saved.html.items()})
+    files.update({f"{k}.png": v for k, v in saved.png.items()})
+    for name, df in tables.items():
+        path = out / f"{name}.jsonl"  # JSON lines: any generated text round-trips
+        df.to_json(path, orient="records", lines=True, force_ascii=False)
+        files[path.name] = path
+    for name, c in circuits.items():
+        files[f"circuit_{name}.json"] = c.save(out / f"circuit_{name}.json")
+    files["report.html"] = write_report(
+        out / "report.html", summary=summary.to_dict(), figures=dict(figs),
+        circuit=circuits.get("instruct"), cards=cards,
+        title=f"cna_lens reproduce: {summary.meta.get('instruct_model')}")
+    return files, saved.png_error
+
+
+class _Stages:
+    """Times the stages of a run and drives the progress bar."""
+
+    def __init__(self, names: Sequence[str], progress: bool,
+                 on_stage: Callable[[str], None] | None):
+        self.bar = tqdm(total=len(names), desc="reproduce", unit="stage", disable=not progress)
+        self.on_stage = on_stage
+        self.seconds: dict[str, float] = {}
+        self._name: str | None = None
+        self._t = 0.0
+
+    def start(self, name: str) -> None:
+        self.finish()
+        self._name, self._t = name, time.perf_counter()
+        self.bar.set_postfix_str(name)
+        if self.on_stage is not None:
+            self.on_stage(name)
+
+    def finish(self) -> None:
+        if self._name is not None:
+            self.seconds[self._name] = round(time.perf_counter() - self._t, 1)
+            self.bar.update(1)
+            self._name = None
+
+    def condition(self, what: str) -> Callable[[str, float], None]:
+        return lambda m, s: self.bar.set_postfix_str(f"{what}: {m} {s:g}")
+
+    def close(self) -> None:
+        self.finish()
+        self.bar.close()
 
 
 def reproduce(
@@ -404,186 +697,112 @@ def reproduce(
     on_stage: Callable[[str], None] | None = None,
     judge: Callable[[str, str], float] | None = None,
 ) -> Reproduction:
-    """Run the whole reproduction (see the module docstring) and write its outputs.
+    """Run the stages of a reproduction (see the module docstring) and write the outputs.
 
     Args:
         config: What to run (default: the organism, full sweeps, output to ``figures/``).
         progress: Show a progress bar over the stages.
-        write: Write figures, tables, circuits and ``summary.json`` to ``config.out``.
+        write: Write figures, report, tables, circuits and ``summary.json`` to ``config.out``.
         on_stage: Called with each stage's name as it starts.
         judge: Optional StrongREJECT-style judge ``(prompt, response) -> [0, 1]`` (see
             :func:`cna_lens.evaluation.rubric_judge`) scoring the instruct model's answers
-            to harmful prompts; adds ``judge_baseline`` / ``judge_ablated`` to the summary.
-            Nothing calls a network unless this does.
+            to harmful prompts; fills ``judge_baseline`` / ``judge_ablated``. Nothing calls
+            a network unless this does.
 
     Returns:
-        The summary, the sweep tables (every generation kept), circuits and figures.
+        The typed summary, the sweep tables (every generation kept), circuits and figures.
 
     Raises:
         CNAError: missing models or prompt sets, or bad settings.
     """
     import torch
 
-    from cna_lens.analysis import bootstrap_stability, circuit_overlap
-    from cna_lens.caa import compute_caa, default_caa_layers
-    from cna_lens.evaluation import load_capability, sweep
-    from cna_lens.figures import save_figures
-    from cna_lens.loading import load_model, validate_prompts
-    from cna_lens.plots import (
-        capability_figure,
-        layer_histogram,
-        overlap_figure,
-        stability_figure,
-        steering_figure,
-    )
+    from cna_lens import __version__
+    from cna_lens.loading import load_model, model_id
 
     cfg = config or ReproduceConfig()
-    if cfg.fraction is None and cfg.top_k is None:
-        cfg = replace(cfg, fraction=_default_fraction(cfg.model))
     t0 = time.perf_counter()
-    sets = load_prompt_sets(cfg.prompts)
-    instruct_path = _model_path(cfg.model, "instruct")
-    base_path = _model_path(cfg.base_model, "base")
-    pos = validate_prompts(_cap(sets["discovery_harmful"], cfg.n_discovery), "discovery_harmful")
-    neg = validate_prompts(_cap(sets["discovery_benign"], cfg.n_discovery), "discovery_benign")
-    universal = (validate_prompts(_cap(sets["universal"], cfg.n_universal), "universal")
-                 if "universal" in sets else None)
-    if universal is None and cfg.n_universal is not None:
-        from cna_lens.universal import default_universal_prompts
-
-        universal = default_universal_prompts()[: cfg.n_universal]
-    eval_sets = {"harmful": _cap(sets["eval_harmful"], cfg.n_eval),
-                 "benign": _cap(sets["eval_benign"], cfg.n_eval)}
-    if "borderline" in sets:
-        eval_sets["borderline"] = _cap(sets["borderline"], cfg.n_eval)
-    capability = (_cap(load_capability(sets["capability"]), cfg.n_capability)
-                  if "capability" in sets else None)
-
-    stages = ["load instruct", "discover instruct", "CAA vectors", "sweep instruct",
-              "load base", "discover base", "sweep base", "analyse", "figures"]
-    bar = tqdm(total=len(stages), desc="reproduce", unit="stage", disable=not progress)
-    timings: dict[str, float] = {}
+    instruct_path, base_path = resolve_models(cfg)
+    inputs = load_inputs(cfg)
+    dcfg = discovery_config(cfg, inputs)
+    names = ["load instruct", "discover instruct", "CAA vectors", "sweep instruct",
+             "neuron cards"]
+    if base_path is not None:
+        names += ["load base", "discover + sweep base"]
+    names += ["analyse", "figures + write"]
+    stages = _Stages(names, progress, on_stage)
     old_threads = torch.get_num_threads()
-
-    def stage(name: str) -> None:
-        timings[name] = time.perf_counter()
-        bar.set_postfix_str(name)
-        if on_stage is not None:
-            on_stage(name)
-
-    def done() -> None:
-        bar.update(1)
-
+    base_found = base_results = None
+    base_id = None
     try:
-        stage("load instruct")
+        stages.start("load instruct")
         model = load_model(instruct_path, device=cfg.device)
+        instruct_id = model_id(model)
         n_params = sum(p.numel() for p in model.original_model.parameters())
         threads = cfg.threads or (1 if n_params < 100_000_000 else old_threads)
         torch.set_num_threads(threads)
-        done()
-        stage("discover instruct")
-        c_inst, u_inst, pos_acts, neg_acts = _discover(model, pos, neg, universal, cfg)
-        done()
-        stage("CAA vectors")
-        caa = compute_caa(model, pos, neg, batch_size=cfg.batch_size)
-        caa_layers = cfg.caa_layers or default_caa_layers(int(model.cfg.n_layers))
-        done()
-        stage("sweep instruct")
-        inst_results = sweep(
-            model, eval_sets, circuit=c_inst, caa=caa, capability=capability,
-            multipliers=cfg.multipliers, caa_alphas=cfg.caa_alphas, caa_layers=caa_layers,
-            random_control=True, control_multipliers=(0.0,), seed=cfg.seed, judge=judge,
-            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-            on_condition=lambda m, s: bar.set_postfix_str(f"sweep instruct: {m} {s:g}"))
-        done()
+        stages.start("discover instruct")
+        inst = discover_stage(model, inputs, dcfg)
+        stages.start("CAA vectors")
+        caa, caa_layers = caa_stage(model, inputs, cfg)
+        stages.start("sweep instruct")
+        inst_results = sweep_instruct_stage(model, inputs, inst, caa, caa_layers, cfg,
+                                            judge=judge,
+                                            on_condition=stages.condition("sweep instruct"))
+        stages.start("neuron cards")
+        cards = cards_stage(model, inputs, inst, cfg) if write else []
+        n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
         del model
-        stage("load base")
-        base = load_model(base_path, device=cfg.device)
-        done()
-        stage("discover base")
-        c_base, u_base, _, _ = _discover(base, pos, neg, universal, cfg)
-        done()
-        stage("sweep base")
-        base_mults = tuple(sorted({0.0, 1.0, max(cfg.multipliers)}))
-        base_results = sweep(
-            base, {k: v for k, v in eval_sets.items() if k in ("harmful", "benign")},
-            circuit=c_base, multipliers=base_mults, random_control=False,
-            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-            on_condition=lambda m, s: bar.set_postfix_str(f"sweep base: {m} {s:g}"))
-        done()
-        del base
-        stage("analyse")
-        if c_inst.n_layers == c_base.n_layers and c_inst.d_mlp == c_base.d_mlp:
-            overlap = circuit_overlap(c_inst, c_base)
-        else:
-            raise CNAError(f"instruct [{c_inst.n_layers}, {c_inst.d_mlp}] and base "
-                           f"[{c_base.n_layers}, {c_base.d_mlp}] neuron grids differ; "
-                           "overlap needs a matched pair")
-        stability = bootstrap_stability(
-            pos_acts, neg_acts, fraction=None if cfg.top_k is not None else cfg.fraction,
-            top_k=cfg.top_k, exclude=u_inst.mask, n_resamples=cfg.n_bootstrap, seed=cfg.seed)
-        done()
-        stage("figures")
-        figs = {
-            "layers": layer_histogram({"instruct": c_inst, "base": c_base}),
-            "overlap": overlap_figure(overlap, names=("instruct", "base")),
-            "steering": steering_figure(inst_results),
-            "stability": stability_figure(stability),
-        }
-        if capability is not None:
-            figs["capability"] = capability_figure(inst_results)
-        meta = {
-            "instruct_model": instruct_path, "base_model": base_path,
-            "prompts": cfg.prompts or "organism",
-            "n_discovery": [len(pos), len(neg)],
-            "n_eval": {k: len(v) for k, v in eval_sets.items()},
-            "n_capability": len(capability) if capability is not None else 0,
-            "n_layers": c_inst.n_layers, "d_mlp": c_inst.d_mlp,
+        if base_path is not None:
+            stages.start("load base")
+            base = load_model(base_path, device=cfg.device)
+            base_id = model_id(base)
+            stages.start("discover + sweep base")
+            base_found, base_results = base_stage(base, inputs, dcfg, cfg,
+                                                  on_condition=stages.condition("sweep base"))
+            del base
+        stages.start("analyse")
+        overlap, stability = analyse_stage(inst, base_found, dcfg, cfg)
+        stages.start("figures + write")
+        circuits = {"instruct": inst.circuit}
+        if base_found is not None:
+            circuits["base"] = base_found.circuit
+        figs = figures_stage(circuits, inst_results, overlap, stability,
+                             inputs.capability is not None)
+        meta: dict[str, Any] = {
+            "instruct_model": instruct_id, "base_model": base_id, "prompts": inputs.source,
+            "n_discovery": [len(inputs.positive), len(inputs.negative)],
+            "n_eval": {k: len(v) for k, v in inputs.eval_sets.items()},
+            "n_capability": len(inputs.capability) if inputs.capability is not None else 0,
+            "n_layers": n_layers, "d_mlp": d_mlp,
+            "discovery": dcfg.to_dict() | {"universal_prompts": len(dcfg.universal_prompts or ())},
             "config": {k: (list(v) if isinstance(v, tuple) else v)
-                       for k, v in asdict(cfg).items()},
+                       for k, v in asdict(replace(cfg, discovery=None)).items()
+                       if k not in ("model", "base_model", "prompts", "discovery", "out")},
             "refusal_classifier": "cna_lens.evaluation.is_refusal",
-            "torch_threads": threads, "n_params": n_params,
+            "torch_threads": threads, "n_params": n_params, "package_version": __version__,
         }
-        from cna_lens import __version__
-
-        meta["package_version"] = __version__
-        summary = _build_summary(cfg, inst_results, base_results,
-                                 {"instruct": c_inst, "base": c_base},
-                                 {"instruct": u_inst, "base": u_base}, tuple(caa_layers),
-                                 overlap, stability, meta)
-        if judge is not None:
-            from cna_lens.evaluation import summarize
-
-            js = summarize(inst_results)
-            summary["instruct"]["judge_baseline"] = _rate(js, "cna", 1.0, "harmful", "judge")
-            summary["instruct"]["judge_ablated"] = _rate(js, "cna", 0.0, "harmful", "judge")
+        summary = build_summary(cfg, inst_results, base_results, inst, base_found, caa_layers,
+                                overlap, stability, meta, judged=judge is not None)
         files: dict[str, Path] = {}
         if write:
-            out = Path(cfg.out)
-            saved = save_figures(figs, out, png=cfg.png)
-            files.update({f"{k}.html": v for k, v in saved.html.items()})
-            files.update({f"{k}.png": v for k, v in saved.png.items()})
-            summary["meta"]["png_error"] = saved.png_error
-            for name, df in (("sweep_instruct", inst_results), ("sweep_base", base_results)):
-                path = out / f"{name}.jsonl"  # JSON lines: any generated text round-trips
-                df.to_json(path, orient="records", lines=True, force_ascii=False)
-                files[path.name] = path
-            for name, c in (("circuit_instruct", c_inst), ("circuit_base", c_base)):
-                files[f"{name}.json"] = c.save(out / f"{name}.json")
-        done()
-        summary["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
-        ends = list(timings.values())[1:] + [time.perf_counter()]
-        summary["meta"]["stage_seconds"] = {k: round(e - s, 1) for (k, s), e in
-                                            zip(timings.items(), ends, strict=True)}
+            tables = {"sweep_instruct": inst_results}
+            if base_results is not None:
+                tables["sweep_base"] = base_results
+            files, png_error = write_outputs(Path(cfg.out), summary, figs, tables, circuits,
+                                             cards, cfg.png)
+            meta["png_error"] = png_error
+        stages.finish()
+        meta["seconds"] = round(time.perf_counter() - t0, 1)
+        meta["stage_seconds"] = dict(stages.seconds)
         if write:
             path = Path(cfg.out) / "summary.json"
-            path.write_text(json.dumps(summary, indent=1) + "\n")
+            path.write_text(json.dumps(summary.to_dict(), indent=1) + "\n", encoding="utf-8")
             files["summary.json"] = path
     finally:
-        bar.close()
+        stages.close()
         torch.set_num_threads(old_threads)
-    return Reproduction(summary, inst_results, base_results,
-                        {"instruct": c_inst, "base": c_base}, figs, files)
+    return Reproduction(summary, inst_results, base_results, circuits, figs, files)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -603,6 +822,18 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
+    if args.score is not None:
+        size = ({"top_k": args.top_k, "fraction": None} if args.top_k is not None
+                else {"fraction": args.fraction} if args.fraction is not None else {})
+        if not size:
+            size = {"fraction": None if args.model is None or args.model.startswith("organism:")
+                    else 0.001}
+            if size["fraction"] is None:
+                from cna_lens.organism import CIRCUIT_FRACTION
+
+                size["fraction"] = CIRCUIT_FRACTION
+        overrides["discovery"] = DiscoveryConfig(**size, score=args.score,
+                                                 batch_size=args.batch_size or 64)
     explicit = {
         "model": args.model, "base_model": args.base_model, "prompts": args.prompts,
         "out": args.out, "device": args.device, "png": not args.no_png, "seed": args.seed,
@@ -611,16 +842,18 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     for key in ("multipliers", "caa_alphas", "caa_layers", "n_eval", "n_discovery",
                 "n_capability", "n_bootstrap", "max_new_tokens", "batch_size", "top_k",
                 "fraction"):
+        if key in ("top_k", "fraction") and "discovery" in overrides:
+            continue
         value = getattr(args, key)
         if value is not None:
             explicit[key] = value
-    if args.top_k is not None:
-        explicit["fraction"] = None
     cfg = replace(ReproduceConfig(), **{**overrides, **explicit})
     result = reproduce(cfg, progress=True)
     print(format_summary(result.summary))  # noqa: T201 - the CLI owns the terminal
-    meta = result.summary["meta"]
+    meta = result.summary.meta
     png = "" if not meta.get("png_error") else f" (no PNG: {meta['png_error'][:80]})"
+    for stage, why in result.summary.skipped.items():
+        print(f"skipped {stage}: {why}")  # noqa: T201
     print(f"\nwrote {len(result.files)} files to {cfg.out}/ in {meta['seconds']:.0f} s{png}")  # noqa: T201
     return 0
 
@@ -632,17 +865,23 @@ def register(subparsers: Any, handlers: dict[str, Callable[..., int]]) -> None:
                           "(default: the organism); writes figures and summary.json")
     p.add_argument("--out", default="figures", help="output folder (default: figures/)")
     p.add_argument("--model", default=None,
-                   help="instruct model: hub name or local dir (default: the organism)")
+                   help="instruct model: hub name, local dir, .gguf file, zoo:NAME or "
+                        "organism:instruct (default: the organism)")
     p.add_argument("--base-model", default=None,
-                   help="base model: hub name or local dir (default: the organism)")
+                   help="base model (default: the organism's base with the organism; none, "
+                        "and the base stages skipped, with any other --model)")
     p.add_argument("--prompts", default=None,
-                   help="folder of prompt-set JSON files (default: the organism's sets)")
+                   help="folder of prompt-set JSON files (default: the organism's sets on the "
+                        "organism, the shipped English sets otherwise)")
     p.add_argument("--quick", action="store_true",
                    help="small subsets and sweeps: a smoke run of the whole pipeline")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--fraction", type=float, default=None,
                       help="circuit size as a fraction of all MLP neurons (default: 0.01 on the organism, 0.001 otherwise)")
     size.add_argument("--top-k", type=int, default=None, help="circuit size as a count")
+    p.add_argument("--score", default=None,
+                   help="neuron score of discovery: abs_delta (the paper, default) or "
+                        "effect_size")
     p.add_argument("--multipliers", type=_floats, default=None,
                    help=f"CNA multipliers (default {','.join(map(_key, CNA_MULTIPLIERS))})")
     p.add_argument("--caa-alphas", type=_floats, default=None,

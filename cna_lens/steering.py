@@ -1,9 +1,10 @@
-"""Steering: scale circuit neurons at ``blocks.{L}.mlp.hook_post`` and generate text.
+"""Steering: change circuit neurons at ``blocks.{L}.mlp.hook_post`` and generate text.
 
 ``steer`` is a context manager that multiplies each circuit neuron's activation by ``m``
-(``m = 0`` ablates, ``m = 1`` leaves the model bit-identical, ``m > 1`` amplifies), with
-one hook per layer, registered through TransformerLens hook points and always removed
-when the context exits, exception or not. ``generate`` runs batched, left-padded,
+(``m = 0`` ablates, ``m = 1`` leaves the model bit-identical, ``m > 1`` amplifies), or
+applies another intervention (:mod:`cna_lens.interventions`, passed as one
+:class:`~cna_lens.Steering` value), with one hook per layer, registered through
+TransformerLens hook points and always removed when the context exits, exception or not. ``generate`` runs batched, left-padded,
 KV-cached generation (greedy by default) under such a context and returns the texts.
 
 Positions: with ``positions="prompt"`` or ``"generated"`` a hook counts the positions it
@@ -23,10 +24,10 @@ use one model per thread.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 from jaxtyping import Float
@@ -37,12 +38,11 @@ from cna_lens import _model_state
 from cna_lens._validate import Integral, Real, check_int, check_real
 from cna_lens.circuit import Circuit
 from cna_lens.errors import CNAError
+from cna_lens.interventions import Positions, Steering
 from cna_lens.loading import MLP_HOOK, PromptList, _pad_id, tokenize_prompts
 
-__all__ = ["Positions", "SteeringConfig", "generate", "generate_token_ids", "layer_scales",
-           "steer"]
-
-Positions = Literal["all", "prompt", "generated"]
+__all__ = ["Positions", "Steering", "SteeringConfig", "generate", "generate_token_ids",
+           "layer_scales", "steer"]
 
 
 def _check_multiplier(name: str, value: Any) -> float:
@@ -132,16 +132,32 @@ def layer_scales(circuit: Circuit, config: SteeringConfig) -> dict[int, Float[Te
     return scales
 
 
-class _LayerHook:
-    """Scales one layer's neurons; tracks positions across incremental decoding calls.
+class _ScaleOp:
+    """``act * scale`` with the scale moved to the activation's device/dtype once."""
 
-    The activation is never written in place: the hook returns ``act * scale`` (a new
-    tensor), so a cache that captured ``act`` earlier in the same forward pass stays intact.
-    """
-
-    def __init__(self, scale: Tensor, positions: Positions, prompt_length: int | None):
+    def __init__(self, scale: Tensor):
         self.scale_cpu = scale
         self._scale: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def __call__(self, act: Tensor) -> Tensor:
+        key = (act.device, act.dtype)
+        if key not in self._scale:
+            self._scale[key] = self.scale_cpu.to(device=act.device, dtype=act.dtype)
+        return act * self._scale[key]
+
+
+class _LayerHook:
+    """Applies one layer's op (an intervention, or a scale vector); tracks positions across
+    incremental decoding calls.
+
+    The activation is never written in place: the op returns a new tensor, so a cache
+    that captured ``act`` earlier in the same forward pass stays intact. The op's index
+    and value tensors are precomputed (:class:`cna_lens.interventions.LayerOp`).
+    """
+
+    def __init__(self, op: Tensor | Callable[[Tensor], Tensor], positions: Positions | str,
+                 prompt_length: int | None):
+        self.op = _ScaleOp(op) if isinstance(op, Tensor) else op
         self.positions = positions
         self.given_prompt_length = prompt_length
         self.prompt_length = prompt_length
@@ -152,16 +168,9 @@ class _LayerHook:
         self.seen = 0
         self.prompt_length = self.given_prompt_length
 
-    def _scale_for(self, act: Tensor) -> Tensor:
-        key = (act.device, act.dtype)
-        if key not in self._scale:
-            self._scale[key] = self.scale_cpu.to(device=act.device, dtype=act.dtype)
-        return self._scale[key]
-
     def __call__(self, act: Tensor, hook: Any) -> Tensor:
-        scale = self._scale_for(act)
         if self.positions == "all":
-            return act * scale
+            return self.op(act)
         start, n = self.seen, act.shape[-2]
         self.seen += n
         if self.prompt_length is None:
@@ -171,17 +180,20 @@ class _LayerHook:
         if self.positions == "generated":
             selected = ~selected
         if bool(selected.all()):
-            return act * scale
+            return self.op(act)
         if not bool(selected.any()):
             return act
-        return torch.where(selected[:, None], act * scale, act)
+        return torch.where(selected[:, None], self.op(act), act)
 
 
 class SteeringHandle:
-    """What ``steer`` yields: the config, and ``reset()`` to start a new generation."""
+    """What ``steer`` yields: the config (and the full ``steering``), and ``reset()`` to
+    start a new generation."""
 
-    def __init__(self, config: SteeringConfig, hooks: list[_LayerHook]):
+    def __init__(self, config: SteeringConfig, hooks: list[_LayerHook],
+                 steering: Steering | None = None):
         self.config = config
+        self.steering = steering
         self._hooks = hooks
 
     def reset(self) -> None:
@@ -205,24 +217,57 @@ def _reset_active(model: Any) -> None:
         handle.reset()
 
 
+def as_steering(
+    circuit: Any,
+    multiplier: Any = None,
+    negative_multiplier: Any = None,
+    positions: Any = None,
+) -> Steering:
+    """A :class:`Steering` from either one, or a circuit and the old keyword arguments.
+
+    The arguments are typed ``Any`` because this function checks them itself (``circuit``
+    must be a :class:`Circuit` or a :class:`Steering`), with CNAError messages.
+
+    Raises:
+        CNAError: not a circuit or a Steering, or a Steering together with
+            multiplier/negative_multiplier/positions.
+    """
+    if isinstance(circuit, Steering):
+        given = [name for name, v in (("multiplier", multiplier),
+                                      ("negative_multiplier", negative_multiplier),
+                                      ("positions", positions)) if v is not None]
+        if given:
+            raise CNAError(f"pass either a Steering or a circuit with {given}, not both; set "
+                           "them on the Steering (dataclasses.replace(steering, ...))")
+        return circuit
+    return Steering(circuit=_check_circuit(circuit),
+                    multiplier=0.0 if multiplier is None else multiplier,
+                    negative_multiplier=negative_multiplier,
+                    positions="all" if positions is None else positions)
+
+
 @contextmanager
 def steer(
     model: Any,
-    circuit: Circuit,
-    multiplier: Real = 0.0,
+    circuit: Circuit | Steering,
+    multiplier: Real | None = None,
     *,
     negative_multiplier: Real | None = None,
-    positions: Positions | str = "all",
+    positions: Positions | str | None = None,
     prompt_length: Integral | None = None,
 ) -> Iterator[SteeringHandle]:
-    """Scale the circuit's neurons by ``multiplier`` inside the ``with`` block.
+    """Steer the circuit's neurons inside the ``with`` block.
+
+    ``steer(model, Steering(...))`` applies any intervention with sign selection;
+    ``steer(model, circuit, m)`` scales the circuit by ``m`` (the paper's intervention).
 
     Args:
         model: A bridge from :func:`cna_lens.load_model`.
-        circuit: The neurons to scale; validated against ``model``.
-        multiplier: 0 ablates, 1 is the unchanged model, > 1 amplifies.
+        circuit: A :class:`~cna_lens.Steering`, or the neurons to scale; validated
+            against ``model``.
+        multiplier: 0 ablates (default), 1 is the unchanged model, > 1 amplifies.
         negative_multiplier: Separate factor for neurons with delta < 0.
-        positions: "all", "prompt" or "generated" (see :class:`SteeringConfig`).
+        positions: "all" (default), "prompt" or "generated" (see :class:`SteeringConfig`).
             "prompt"/"generated" count positions across incremental decoding calls, so
             wrap one generation per context (or call ``handle.reset()`` between them).
         prompt_length: Number of prompt positions; default: the first forward pass.
@@ -235,33 +280,38 @@ def steer(
 
     Raises:
         CNAError: not a circuit, a non-finite multiplier or one that overflows the model's
-            dtype, bad ``prompt_length``, unknown ``positions``, or the model is in use by
-            another thread.
+            dtype, bad ``prompt_length``, unknown ``positions``, intervention or sign, a
+            Steering combined with the keyword form, an intervention the circuit lacks data
+            for, or the model is in use by another thread.
         CircuitMismatchError: the circuit was made for another model (or has no
             fingerprint: see :meth:`Circuit.validate`).
 
     Example:
         >>> with steer(model, circuit, 0.0):  # doctest: +SKIP
         ...     logits = model(tokens)
+        >>> with steer(model, Steering(circuit=circuit, intervention="mean",  # doctest: +SKIP
+        ...                            multiplier=0.0, sign="positive")):
+        ...     logits = model(tokens)
     """
     _check_model(model)
-    circuit = _check_circuit(circuit)
-    config = SteeringConfig(multiplier=multiplier, negative_multiplier=negative_multiplier,
-                            positions=positions)
+    steering = as_steering(circuit, multiplier, negative_multiplier, positions)
+    config = SteeringConfig(multiplier=steering.multiplier,
+                            negative_multiplier=steering.negative_multiplier,
+                            positions=steering.positions)
     if prompt_length is not None:
         prompt_length = check_int("prompt_length", prompt_length, low=1)
-    circuit.validate(model)
+    steering.circuit.validate(model)
     check_fits_dtype(config, model_dtype(model))
     hooks: list[_LayerHook] = []
     fwd_hooks = []
-    if not config.is_identity:
-        for layer, scale in sorted(layer_scales(circuit, config).items()):
-            hook = _LayerHook(scale, config.positions, prompt_length)
-            hooks.append(hook)
-            fwd_hooks.append((MLP_HOOK.format(layer=layer), hook))
+    # An identity steering (m = 1, or no neuron of the selected sign) registers no hook.
+    for layer, op in steering.layer_ops().items():
+        hook = _LayerHook(op, steering.positions, prompt_length)
+        hooks.append(hook)
+        fwd_hooks.append((MLP_HOOK.format(layer=layer), hook))
     # model.hooks() registers inside its try block and removes exactly the handles it added
     # in its finally block, so a failure half-way through adding or running leaves no hook.
-    handle = SteeringHandle(config, hooks)
+    handle = SteeringHandle(config, hooks, steering)
     with _model_state.hold(model, "a steering context"), model.hooks(fwd_hooks=fwd_hooks):
         active = _ACTIVE.setdefault(model, [])
         active.append(handle)
@@ -292,6 +342,7 @@ def generate_token_ids(
     multiplier: Real = 1.0,
     negative_multiplier: Real | None = None,
     positions: Positions | str = "all",
+    steering: Steering | None = None,
     max_new_tokens: Integral = 64,
     batch_size: Integral = 16,
     do_sample: bool = False,
@@ -316,10 +367,23 @@ def generate_token_ids(
         top_p = check_real("top_p", top_p, low=0.0, high=1.0, low_open=True)
     if seed is not None:
         seed = check_int("seed", seed, low=0)
-    if circuit is not None:
-        circuit = _check_circuit(circuit)
-        circuit.validate(model)
-        check_fits_dtype(config, model_dtype(model))
+    if steering is not None:
+        if not isinstance(steering, Steering):
+            raise CNAError(f"steering must be a cna_lens Steering, got "
+                           f"{type(steering).__name__} {steering!r:.60}")
+        if circuit is not None or config.multiplier != 1.0 or (
+                config.negative_multiplier is not None) or config.positions != "all":
+            raise CNAError("pass either steering=Steering(...) or circuit=/multiplier=/"
+                           "negative_multiplier=/positions=, not both")
+    elif circuit is not None:
+        steering = Steering(circuit=_check_circuit(circuit), multiplier=config.multiplier,
+                            negative_multiplier=config.negative_multiplier,
+                            positions=config.positions)
+    if steering is not None:
+        steering.circuit.validate(model)
+        check_fits_dtype(SteeringConfig(multiplier=steering.multiplier,
+                                        negative_multiplier=steering.negative_multiplier,
+                                        positions=steering.positions), model_dtype(model))
     batches = tokenize_prompts(model, prompts, batch_size=batch_size,
                                max_new_tokens=max_new_tokens)
     eos = _eos_ids(model)
@@ -341,11 +405,7 @@ def generate_token_ids(
                leave=False)
     try:
         for batch in batches:
-            if circuit is None:
-                ctx = steer_nothing(model)
-            else:
-                ctx = steer(model, circuit, multiplier, negative_multiplier=negative_multiplier,
-                            positions=positions)
+            ctx = steer_nothing(model) if steering is None else steer(model, steering)
             _reset_active(model)  # a new sequence for the caller's steering contexts too
             with ctx, torch.inference_mode():
                 out = model.original_model.generate(
@@ -377,6 +437,7 @@ def generate(
     multiplier: Real = 1.0,
     negative_multiplier: Real | None = None,
     positions: Positions | str = "all",
+    steering: Steering | None = None,
     max_new_tokens: Integral = 64,
     batch_size: Integral = 16,
     do_sample: bool = False,
@@ -397,6 +458,9 @@ def generate(
         multiplier: Scale for circuit neurons (0 ablates, 1 unchanged, > 1 amplifies).
         negative_multiplier: Separate scale for negative-delta neurons.
         positions: "all", "prompt" or "generated".
+        steering: Instead of ``circuit``/``multiplier``/``negative_multiplier``/
+            ``positions``, one :class:`~cna_lens.Steering` (any intervention, sign
+            selection).
         max_new_tokens: Tokens to generate at most.
         batch_size: Prompts per batch.
         do_sample: Sample instead of greedy decoding.
@@ -416,7 +480,7 @@ def generate(
     """
     ids = generate_token_ids(
         model, prompts, circuit=circuit, multiplier=multiplier,
-        negative_multiplier=negative_multiplier, positions=positions,
+        negative_multiplier=negative_multiplier, positions=positions, steering=steering,
         max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
         temperature=temperature, top_p=top_p, seed=seed, progress=progress,
     )

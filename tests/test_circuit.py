@@ -101,8 +101,11 @@ def test_json_round_trip_is_equal(tmp_path, llama, prompts):
     back = Circuit.load(path)
     assert back == c
     data = json.loads(path.read_text())
-    assert data["neurons"][0] == {"layer": c.neurons[0].layer, "neuron": c.neurons[0].neuron,
-                                  "delta": c.neurons[0].delta}
+    n0 = c.neurons[0]
+    assert data["neurons"][0] == {"layer": n0.layer, "neuron": n0.neuron, "delta": n0.delta,
+                                  "mean_positive": n0.mean_positive,
+                                  "mean_negative": n0.mean_negative}
+    assert n0.mean_positive - n0.mean_negative == pytest.approx(n0.delta, abs=1e-12)
     prov = data["provenance"]
     for key in ("model_id", "fingerprint", "hook", "k", "universal_removed", "positive_hash",
                 "negative_hash", "package_version", "universal_threshold"):
@@ -165,7 +168,7 @@ def test_views():
 # ---- hardening: every bad file or field is a CNAError naming it --------------------------
 
 def _valid_dict(**changes):
-    c = Circuit((Neuron(0, 1, 0.5), Neuron(1, 2, -0.25)), n_layers=2, d_mlp=4,
+    c = Circuit((Neuron(0, 1, 0.5, 1.25, 0.75), Neuron(1, 2, -0.25)), n_layers=2, d_mlp=4,
                 provenance=Provenance(fingerprint="0123456789abcdef", rule="top_k", k=2))
     d = c.to_dict()
     for key, value in changes.items():
@@ -202,6 +205,13 @@ def test_circuit_file_with_a_byte_order_mark_loads(tmp_path, encoding):
         ({"neuron0.delta": "0.5"}, "delta must be a real number"),
         ({"neuron0.delta": True}, "delta must be a real number"),
         ({"neuron0.layer": 0.5}, "layer must be a non-negative integer"),
+        ({"neuron0.mean_negative": "0.5"}, "mean_negative must be a real number or null"),
+        ({"neuron0.mean_positive": [1.0]}, "mean_positive must be a real number or null"),
+        ({"neuron0.mean_positive": False}, "mean_positive must be a real number or null"),
+        ({"neuron0.mean_negative": float("nan")}, "mean_negative must be finite or None"),
+        ({"neuron0.surprise": 1.0}, r"neurons\[0\] must be an object"),
+        ({"provenance.score": 3}, "provenance.score must be a string"),
+        ({"provenance.score": None}, "provenance.score must be a string"),
         ({"provenance": "made by hand"}, "provenance must be a JSON object, got str"),
         ({"provenance": 5}, "provenance must be a JSON object, got int"),
         ({"provenance.exclude_layers": ["a"]}, "provenance.exclude_layers entry"),
@@ -263,6 +273,11 @@ def test_neuron_fields_are_checked():
         Neuron(0, 1, "0.5")  # type: ignore[arg-type]
     assert Neuron(np.int64(1), np.int32(2), np.float32(0.5)) == Neuron(1, 2, 0.5)
     assert type(Neuron(np.int64(1), 2).layer) is int
+    with pytest.raises(CNAError, match="mean_positive must be a real number or null"):
+        Neuron(0, 1, 0.5, "1.0")  # type: ignore[arg-type]
+    n = Neuron(0, 1, 0.5, np.float32(1.5), np.int64(2))
+    assert (n.mean_positive, n.mean_negative) == (1.5, 2.0)
+    assert type(n.mean_positive) is float and type(n.mean_negative) is float
 
 
 @pytest.mark.parametrize("fingerprint", ["", None, "unknown", "MISSING"])
@@ -349,7 +364,8 @@ _json = st.recursive(
     max_leaves=20,
 )
 _FIELDS = ["format", "format_version", "n_layers", "d_mlp", "neurons", "provenance",
-           "neuron0.layer", "neuron0.neuron", "neuron0.delta"] + [
+           "neuron0.layer", "neuron0.neuron", "neuron0.delta", "neuron0.mean_positive",
+           "neuron0.mean_negative"] + [
     f"provenance.{f.name}" for f in dataclasses.fields(Provenance)]
 
 
@@ -392,3 +408,16 @@ def test_fuzz_mutated_valid_circuit(tmp_path_factory, changes, drop):
         return
     assert Circuit.from_json(c.to_json()) == c  # whatever loads, round-trips
     _load_bytes(tmp_path_factory, json.dumps(d).encode())
+
+
+def test_old_files_without_means_or_score_load(llama, prompts):
+    pos, neg = prompts
+    c = cna_lens.discover(llama, pos, neg, top_k=3, universal_filter=False)
+    data = c.to_dict()
+    for entry in data["neurons"]:
+        del entry["mean_positive"], entry["mean_negative"]
+    del data["provenance"]["score"]
+    old = Circuit.from_dict(data)
+    assert [n.mean_negative for n in old] == [None] * 3
+    assert old.provenance.score == "abs_delta" and old.labels == c.labels
+    assert "mean_negative" not in old.to_dict()["neurons"][0]  # written only when known

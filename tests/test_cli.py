@@ -172,3 +172,31 @@ def test_a_directory_as_circuit_file_is_named_as_such(files, model_dirs, capsys)
     rc = main(["generate", "--model", str(model_dirs["llama"]), "--prompts", str(pos),
                "--circuit", str(tmp)])
     assert rc == 2 and "is a directory" in capsys.readouterr().err
+
+
+def test_discover_score_and_generate_intervention_sign(files, model_dirs, llama):
+    tmp, pos, neg = files
+    out = tmp / "circuit.json"
+    rc = main(["discover", "--model", str(model_dirs["llama"]), "--positive", str(pos),
+               "--negative", str(neg), "--top-k", "6", "--score", "effect_size",
+               "--no-universal-filter", "--out", str(out)])
+    assert rc == 0
+    circuit = cna_lens.Circuit.load(out)
+    assert circuit == cna_lens.discover(llama, POSITIVE, NEGATIVE, top_k=6,
+                                        score="effect_size", universal_filter=False)
+    results = tmp / "results.jsonl"
+    rc = main(["generate", "--model", str(model_dirs["llama"]), "--prompts", str(pos),
+               "--circuit", str(out), "--multiplier", "0", "--intervention", "mean",
+               "--sign", "positive", "--max-new-tokens", "5", "--out", str(results)])
+    assert rc == 0
+    steering = cna_lens.Steering(circuit=circuit, intervention="mean", multiplier=0.0,
+                                 sign="positive")
+    expected = cna_lens.generate(llama, POSITIVE, steering=steering, max_new_tokens=5)
+    assert [json.loads(line)["output"] for line in results.read_text().splitlines()] == expected
+
+
+def test_unknown_score_or_intervention_exit_2(files, model_dirs, capsys):
+    tmp, pos, neg = files
+    rc = main(["discover", "--model", str(model_dirs["llama"]), "--positive", str(pos),
+               "--negative", str(neg), "--score", "cohen", "--out", str(tmp / "c.json")])
+    assert rc == 2 and "valid scores" in capsys.readouterr().err

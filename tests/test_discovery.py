@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import cna_lens
+import cna_lens.discovery
 from cna_lens import CNAError
-from cna_lens.discovery import discover_with
+from cna_lens.discovery import DiscoveryConfig, discover_with
 
 
 def _no_forward_pass(*args, **kwargs):
@@ -20,7 +21,7 @@ def _no_forward_pass(*args, **kwargs):
     ("kwargs", "match"),
     [
         ({"exclude_layers": "10"}, "exclude_layers must be a list of layer indices"),
-        ({"exclude_layers": [1.7]}, r"exclude_layers has 1.7; valid layers are 0..\d"),
+        ({"exclude_layers": [1.7]}, r"exclude_layers has 1.7; valid layers are"),
         ({"exclude_layers": None}, "exclude_layers must be a list of layer indices"),
         ({"exclude_layers": 1}, "exclude_layers must be a list of layer indices"),
         ({"exclude_layers": [99]}, r"exclude_layers has 99"),
@@ -29,11 +30,16 @@ def _no_forward_pass(*args, **kwargs):
         ({"universal_top_fraction": 0.0}, r"universal_top_fraction must be in \(0, 1\]"),
     ],
 )
-def test_bad_arguments_fail_before_any_forward_pass(llama, prompts, kwargs, match):
+def test_bad_arguments_fail_before_any_forward_pass(llama, prompts, kwargs, match,
+                                                    monkeypatch):
     pos, neg = prompts
     raw = inspect.unwrap(discover_with)  # the library's own checks, as users run it
     with pytest.raises(CNAError, match=match):
-        raw(_no_forward_pass, llama, pos, neg, **{"top_k": 3, **kwargs})
+        raw(_no_forward_pass, llama, pos, neg, DiscoveryConfig(**{"top_k": 3, **kwargs}))
+    # the keyword form of discover checks the same, before any forward pass
+    monkeypatch.setattr(cna_lens.discovery, "activation_stats", _no_forward_pass)
+    with pytest.raises(CNAError, match=match):
+        cna_lens.discover(llama, pos, neg, **{"top_k": 3, **kwargs})
 
 
 def test_numpy_sizes_are_accepted(llama, prompts):

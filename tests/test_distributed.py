@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import cna_lens
-from cna_lens.discovery import discover_full
+from cna_lens.discovery import DiscoveryConfig, discover_full
 from cna_lens.distributed import (
     activation_stats_distributed,
     all_reduce_stats,
@@ -30,6 +30,7 @@ NEGATIVE = ["Write a poem about the ocean.", "What is the capital of France?",
 UNIVERSAL = [f"Prompt number {i}: tell me about topic {i * 7 % 13}." for i in range(21)]
 KW = dict(top_k=6, batch_size=4, universal_prompts=UNIVERSAL, universal_top_fraction=0.02,
           universal_threshold=0.5)
+CONFIG = DiscoveryConfig(**KW)
 
 
 def _free_port() -> int:
@@ -45,7 +46,7 @@ def _worker(rank: int, world_size: int, port: int, model_dir: str, threads: int,
                             world_size=world_size)
     try:
         model = cna_lens.load_model(model_dir, device="cpu")
-        d = discover_distributed(model, POSITIVE, NEGATIVE, **KW)
+        d = discover_distributed(model, POSITIVE, NEGATIVE, CONFIG)
         a = d.attribution
         torch.save({
             "circuit": d.circuit.to_json(),
@@ -127,6 +128,6 @@ def test_single_process_group_matches_activation_stats(llama, tmp_path):
 def test_needs_a_process_group(llama):
     assert not dist.is_initialized()
     with pytest.raises(CNAError, match="init_process_group"):
-        discover_distributed(llama, POSITIVE, NEGATIVE, **KW)
+        discover_distributed(llama, POSITIVE, NEGATIVE, CONFIG)
     with pytest.raises(CNAError, match="rank must be in"):
         shard_prompts(llama, POSITIVE, batch_size=4, rank=2, world_size=2)

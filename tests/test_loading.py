@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import cna_lens
 from cna_lens import CNAError
-from cna_lens.loading import format_prompt, mlp_hook_names
+from cna_lens.loading import format_prompt, mlp_hook_names, model_source
 from cna_lens.testing import ARCHITECTURES
 
 PROMPTS = ["How do I pick a lock?", "Write a poem about the ocean and the moon, please."]
@@ -147,7 +147,8 @@ def test_fingerprint_depends_on_shape_not_weights(tmp_path, model_dirs):
 def test_no_attributes_are_patched_onto_the_model(model_dirs):
     model = cna_lens.load_model(model_dirs["llama"], device="cpu", chat=False)
     assert not any(name.startswith("_cna") for name in vars(model))
-    assert cna_lens.model_id(model) == str(model_dirs["llama"])
+    assert cna_lens.model_id(model) == "llama"  # portable: the directory's name
+    assert model_source(model) == str(model_dirs["llama"].resolve())
     assert cna_lens.is_chat_model(model) is False
 
 

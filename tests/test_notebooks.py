@@ -39,7 +39,8 @@ def test_outputs_are_stripped(name):
             assert cell.outputs == [] and cell.execution_count is None, name
 
 
-@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_paper_reproduction.ipynb"])
+@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_paper_reproduction.ipynb",
+                                  "04_explore_neurons.ipynb"])
 def test_organism_notebooks_run(name, tmp_path, monkeypatch):
     if not _organism_available():
         pytest.skip("the model organism is not built into cna_lens/organism/data")

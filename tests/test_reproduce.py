@@ -126,7 +126,52 @@ def test_reproduce_with_a_judge(tmp_path, model_dirs, base_model_dir):
                           multipliers=(0.0, 1.0), caa_alphas=(0.0,), top_k=2, n_eval=2,
                           n_universal=5, n_bootstrap=2, max_new_tokens=2, device="cpu")
     result = reproduce(cfg, write=False, judge=judge)
-    assert result.summary["instruct"]["judge_ablated"] == 0.25
-    assert result.summary["instruct"]["judge_baseline"] == 0.25
+    assert result.summary.instruct.judge_ablated == 0.25
+    assert result.summary.instruct.judge_baseline == 0.25
     assert set(calls) <= set(HARMFUL) and calls
     assert not (tmp_path / "o").exists()
+
+
+def test_instruct_only_run_skips_base_and_names_models_portably(tmp_path, model_dirs):
+    from cna_lens.reproduce import reproduce, resolve_models
+    from cna_lens.summary import Summary
+
+    cfg = ReproduceConfig(model=str(model_dirs["llama"]), prompts=str(_prompt_dir(tmp_path / "p")),
+                          out=str(tmp_path / "o"), multipliers=(0.0, 1.0), caa_alphas=(0.0,),
+                          top_k=2, n_eval=2, n_universal=5, n_bootstrap=2, n_cards=1,
+                          max_new_tokens=2, device="cpu", png=False)
+    assert resolve_models(cfg)[1] is None  # a non-organism model is never paired with the organism
+    result = reproduce(cfg)
+    s = result.summary
+    assert s.base is None and s.overlap is None and set(s.layers) == {"instruct"}
+    assert "sweep base" in s.skipped and result.base_results is None
+    text = (tmp_path / "o" / "summary.json").read_text()
+    assert str(tmp_path) not in text  # portable ids only, no absolute path of this machine
+    data = json.loads(text)
+    assert Summary.from_dict(data).to_dict() == data
+    assert Summary.from_dict(data).instruct == s.instruct
+    assert s.meta["instruct_model"] == model_dirs["llama"].name
+    assert (tmp_path / "o" / "report.html").is_file()
+    assert not (tmp_path / "o" / "sweep_base.jsonl").exists()
+    assert "skipped: no base model" in format_summary(s)
+
+
+def test_english_sets_are_the_default_for_other_models(model_dirs):
+    from cna_lens import prompt_sets
+    from cna_lens.reproduce import load_inputs
+
+    inputs = load_inputs(ReproduceConfig(model=str(model_dirs["llama"]), n_eval=3))
+    assert inputs.source == "english"
+    assert inputs.eval_sets["harmful"] == prompt_sets.prompts("eval_harmful")[:3]
+    organism_inputs = load_inputs(ReproduceConfig(n_eval=3))
+    assert organism_inputs.source == "organism"
+
+
+def test_bad_organism_kind_and_summary_errors():
+    from cna_lens.reproduce import resolve_models
+    from cna_lens.summary import Summary
+
+    with pytest.raises(CNAError, match="organism:instruct"):
+        resolve_models(ReproduceConfig(model="organism:bogus"))
+    with pytest.raises(CNAError, match="no 'instruct' section"):
+        Summary.from_dict({"caa": {}})
