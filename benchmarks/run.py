@@ -179,8 +179,9 @@ def bench_discovery(model: Any, hf: Any, pos: list[str], neg: list[str], rounds:
 def naive_discovery(model: Any, pos: list[str], neg: list[str], k: int) -> list[tuple[int, int]]:
     """What the public reference code does: batch 1, per-neuron Python loop, Python sort."""
     import cna_lens as cl
+    from cna_lens.loading import mlp_hook_names
 
-    names = cl.mlp_hook_names(model)
+    names = mlp_hook_names(model)
     n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
 
     def mean_acts(prompts: list[str]) -> list[list[float]]:
@@ -301,7 +302,7 @@ def _circuit(model: Any, fraction: float, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     flat = torch.randperm(n_layers * d_mlp, generator=g)[:k].tolist()
     return cl.Circuit(tuple(cl.Neuron(i // d_mlp, i % d_mlp, 1.0) for i in flat), n_layers,
-                      d_mlp)
+                      d_mlp).for_model(model)
 
 
 def bench_steering(model: Any, prompts: list[str], new_tokens: int, rounds: int,

@@ -25,16 +25,14 @@ from cna_lens.analysis import (
     Overlap,
     Stability,
     bootstrap_stability,
-    chance_intersection,
     circuit_overlap,
-    jaccard,
     layer_distribution,
     random_control_circuit,
 )
-from cna_lens.attribution import Attribution, attribute, contrast
+from cna_lens.attribution import Attribution, attribute
 from cna_lens.baking import BakedWeights, bake, bake_, export_steered, steered_hf_model
 from cna_lens.caa import CAAVectors, caa_generate, caa_steer, compute_caa
-from cna_lens.circuit import Circuit, Neuron, Provenance, resolve_k, select_top_k
+from cna_lens.circuit import Circuit, Neuron, Provenance
 from cna_lens.discovery import (
     Discovery,
     DiscoveryConfig,
@@ -47,22 +45,16 @@ from cna_lens.errors import CircuitMismatchError, CNAError
 from cna_lens.interventions import (
     INTERVENTIONS,
     Intervention,
-    LayerParams,
     Steering,
     get_intervention,
     register_intervention,
 )
 from cna_lens.loading import (
-    TokenBatch,
-    format_prompt,
     is_chat_model,
     load_model,
-    mlp_hook_names,
     model_fingerprint,
     model_id,
-    prompt_set_hash,
     tokenize_prompts,
-    validate_prompts,
 )
 from cna_lens.scores import SCORES, get_score, register_score
 from cna_lens.steering import (
@@ -70,14 +62,12 @@ from cna_lens.steering import (
     SteeringConfig,
     generate,
     generate_token_ids,
-    layer_scales,
     steer,
 )
 from cna_lens.universal import (
     UniversalNeurons,
     default_universal_prompts,
     find_universal_neurons,
-    universal_from_counts,
 )
 
 # Stages that pull in pandas / plotly / the organism data load on first use.
@@ -102,7 +92,6 @@ __all__ = [
     "SCORES",
     "DiscoveryConfig",
     "Intervention",
-    "LayerParams",
     "Steering",
     "get_intervention",
     "get_score",
@@ -121,13 +110,11 @@ __all__ = [
     "bootstrap_stability",
     "caa_generate",
     "caa_steer",
-    "chance_intersection",
     "circuit_map",
     "circuit_overlap",
     "compute_caa",
     "discover_distributed",
     "export_steered",
-    "jaccard",
     "layer_distribution",
     "random_control_circuit",
     "steered_hf_model",
@@ -140,34 +127,24 @@ __all__ = [
     "Positions",
     "Provenance",
     "SteeringConfig",
-    "TokenBatch",
     "UniversalNeurons",
     "__version__",
     "activation_cache",
     "activation_stats",
     "attribute",
     "circuit_from_attribution",
-    "contrast",
     "default_universal_prompts",
     "discover",
     "discover_full",
     "find_universal_neurons",
-    "format_prompt",
     "generate",
     "generate_token_ids",
     "is_chat_model",
     "iter_activations",
-    "layer_scales",
     "load_model",
-    "mlp_hook_names",
     "model_fingerprint",
     "model_id",
     "neuron_card",
-    "prompt_set_hash",
-    "resolve_k",
-    "select_top_k",
     "steer",
     "tokenize_prompts",
-    "universal_from_counts",
-    "validate_prompts",
 ]

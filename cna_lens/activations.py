@@ -9,7 +9,6 @@ statistics merge exactly (for sharded or distributed discovery).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from cna_lens._validate import Integral, Real, check_real
 from cna_lens.errors import CNAError
 from cna_lens.loading import PromptList, TokenBatch, mlp_hook_names, tokenize_prompts
 
@@ -34,7 +34,7 @@ def iter_activations(
     model: Any,
     prompts: PromptList,
     *,
-    batch_size: int = 32,
+    batch_size: Integral = 32,
     progress: bool = False,
     desc: str = "activations",
 ) -> Iterator[tuple[TokenBatch, Float[Tensor, "batch n_layers d_mlp"]]]:
@@ -54,7 +54,8 @@ def iter_activations(
     from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
     names = mlp_hook_names(model)
-    batches = tokenize_prompts(model, prompts, batch_size=batch_size)
+    what = "prompts" if desc == "activations" else f"{desc} prompts"
+    batches = tokenize_prompts(model, prompts, batch_size=batch_size, what=what)
     last = len(names) - 1
     store: list[Tensor | None] = [None] * len(names)
 
@@ -159,8 +160,7 @@ class NeuronStats:
 
 
 def _top_fraction_k(n_total: int, fraction: float) -> int:
-    if not (0.0 < fraction <= 1.0) or math.isnan(fraction):
-        raise CNAError(f"fraction must be in (0, 1], got {fraction!r}")
+    fraction = check_real("top_fraction", fraction, low=0.0, high=1.0, low_open=True)
     return max(1, round(fraction * n_total))
 
 
@@ -168,10 +168,10 @@ def activation_stats(
     model: Any,
     prompts: PromptList,
     *,
-    batch_size: int = 32,
+    batch_size: Integral = 32,
     progress: bool = False,
     desc: str = "activations",
-    top_fraction: float | None = None,
+    top_fraction: Real | None = None,
 ) -> tuple[NeuronStats, Int[Tensor, "n_layers d_mlp"] | None]:
     """Accumulate last-token activation statistics over ``prompts``.
 

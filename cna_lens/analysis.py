@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from cna_lens._validate import check_int
 from cna_lens.circuit import Circuit, Neuron, Provenance, select_top_k
 from cna_lens.errors import CNAError
 
@@ -240,7 +241,7 @@ def random_control_circuit(circuit: Circuit, *, seed: int = 0,
         neurons += [Neuron(layer, j) for j in sorted(rng.sample(pool, count))]
     prov = Provenance(model_id=circuit.provenance.model_id,
                       fingerprint=circuit.provenance.fingerprint, rule="manual",
-                      k=len(neurons))
+                      k=len(neurons) or None)
     return Circuit(tuple(neurons), circuit.n_layers, circuit.d_mlp, prov)
 
 
@@ -338,8 +339,7 @@ def bootstrap_stability(
     if positive.shape[1:] != negative.shape[1:]:
         raise CNAError(f"positive activations are {tuple(positive.shape)} but negative are "
                        f"{tuple(negative.shape)}; the neuron grids must match")
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
-        raise CNAError(f"n_resamples must be a positive integer, got {n_resamples!r}")
+    n_resamples = check_int("n_resamples", n_resamples, low=1)
     if top_k is not None:
         fraction = None
     from cna_lens.activations import NeuronStats

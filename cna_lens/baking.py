@@ -38,10 +38,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
+import shutil
+import tempfile
+import threading
+import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,6 +57,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cna_lens import _model_state
+from cna_lens._validate import Real
 from cna_lens.circuit import Circuit
 from cna_lens.errors import CNAError
 from cna_lens.interventions import Steering
@@ -139,22 +147,57 @@ class BakedWeights:
     circuit: Circuit
     _patches: list[_Patch] = field(default_factory=list, repr=False)
     _restored: bool = field(default=False, repr=False)
+    _stack: list[BakedWeights] | None = field(default=None, repr=False)
+    _model: Any = field(default=None, repr=False)
+    _thread: int | None = field(default=None, repr=False)
 
     @property
     def restored(self) -> bool:
         return self._restored
 
+    def _overlaps(self, other: BakedWeights) -> bool:
+        for p in self._patches:
+            for q in other._patches:
+                if p.weight is q.weight and p.axis == q.axis and bool(
+                        torch.isin(p.index, q.index).any()):
+                    return True
+        return False
+
     def restore(self) -> None:
         """Write the original weight columns back, bit for bit (idempotent).
 
-        Patches are undone in reverse order, so nested or overlapping bakes unwind exactly.
+        Patches are undone in reverse order. Bakes that share neurons must be restored in
+        reverse order of baking (the later bake saved the earlier one's scaled columns as its
+        "original"); restoring the earlier one first is refused rather than leaving the
+        weights changed for good. Bakes of disjoint neurons may be restored in any order.
+
+        Raises:
+            CNAError: a later bake of some of the same neurons is still active.
         """
         if self._restored:
             return
+        stack = self._stack if self._stack is not None else []
+        later = stack[stack.index(self) + 1:] if self in stack else []
+        blocking = [h for h in later if not h._restored and h._overlaps(self)]
+        if blocking:
+            raise CNAError(
+                f"cannot restore this bake ({len(self.circuit)} neurons) before a later bake "
+                f"of some of the same neurons ({blocking[-1].circuit.labels[:3]}...) is "
+                "restored: bakes that share neurons must be restored in reverse order"
+            )
         with torch.no_grad():
             for p in reversed(self._patches):
                 p.weight.index_copy_(p.axis, p.index, p.original)
         self._restored = True
+        if self in stack:
+            stack.remove(self)
+        if self._model is not None:
+            _model_state.release(self._model, self._thread)
+            self._model = None
+
+
+# The active bakes of each model, in baking order (nothing is patched onto the model).
+_BAKES: weakref.WeakKeyDictionary[Any, list[BakedWeights]] = weakref.WeakKeyDictionary()
 
 
 def _scale_weight(weight: Tensor, axis: int, scale: Tensor, patches: list[_Patch]) -> None:
@@ -168,11 +211,19 @@ def _scale_weight(weight: Tensor, axis: int, scale: Tensor, patches: list[_Patch
         factors = scale[index_cpu].to(device=weight.device, dtype=weight.dtype)
         shape = [1, 1]
         shape[axis] = -1
+        scaled = original * factors.view(shape)
+        if not bool(torch.isfinite(scaled).all()):
+            limit = torch.finfo(weight.dtype).max
+            raise CNAError(
+                f"multiplier {float(scale[index_cpu].abs().max()):g} makes baked weights "
+                f"overflow the model's dtype {weight.dtype} (largest finite value {limit:g}); "
+                "choose a smaller multiplier"
+            )
         patches.append(_Patch(weight, axis, index, original))
-        weight.index_copy_(axis, index, original * factors.view(shape))
+        weight.index_copy_(axis, index, scaled)
 
 
-def _check_config(multiplier: float, negative_multiplier: float | None) -> SteeringConfig:
+def _check_config(multiplier: Real, negative_multiplier: Real | None) -> SteeringConfig:
     return SteeringConfig(multiplier=multiplier, negative_multiplier=negative_multiplier,
                           positions="all")
 
@@ -180,9 +231,9 @@ def _check_config(multiplier: float, negative_multiplier: float | None) -> Steer
 def bake_(
     model: Any,
     circuit: Circuit | Steering,
-    multiplier: float | None = None,
+    multiplier: Real | None = None,
     *,
-    negative_multiplier: float | None = None,
+    negative_multiplier: Real | None = None,
 ) -> BakedWeights:
     """Scale the circuit's down-projection columns in place; undo with ``.restore()``.
 
@@ -198,25 +249,39 @@ def bake_(
     Returns:
         A :class:`BakedWeights` handle holding copies of the touched columns.
 
+    The model counts as in use by this thread until ``restore()``: steering or baking it
+    from another thread meanwhile raises :class:`CNAError` (see :func:`cna_lens.steer`).
+
     Raises:
-        CNAError: non-finite multiplier, an intervention that does not fold into weights
-            (e.g. ``"mean"``), or a layer whose down projection cannot be baked.
+        CNAError: not a circuit, a non-finite multiplier or one whose baked weights would
+            overflow the model's dtype, an intervention that does not fold into weights
+            (e.g. ``"mean"``), a layer whose down projection cannot be baked, or the model is
+            in use by another thread.
         CircuitMismatchError: the circuit was made for another model.
     """
+    from cna_lens.steering import _check_model, check_fits_dtype, model_dtype
+
+    _check_model(model)
     steering = as_steering(circuit, multiplier, negative_multiplier)
-    scales = steering.scale_vectors()  # refuses interventions that do not bake
     config = _check_config(steering.multiplier, steering.negative_multiplier)
     circuit = steering.circuit
     circuit.validate(model)
+    check_fits_dtype(config, model_dtype(model))
+    scales = steering.scale_vectors()  # refuses interventions that do not bake
     # Resolve every layer before touching any weight, so a failure changes nothing.
     targets = {layer: down_projection(model, layer) for layer in sorted(scales)}
+    _model_state.acquire(model, "a baking context")
     handle = BakedWeights(config, circuit)
     try:
         for layer, (module, axis) in targets.items():
             _scale_weight(module.weight, axis, scales[layer], handle._patches)
     except BaseException:
         handle.restore()
+        _model_state.release(model)
         raise
+    handle._model, handle._thread = model, threading.get_ident()
+    handle._stack = _BAKES.setdefault(model, [])
+    handle._stack.append(handle)
     return handle
 
 
@@ -224,9 +289,9 @@ def bake_(
 def bake(
     model: Any,
     circuit: Circuit | Steering,
-    multiplier: float | None = None,
+    multiplier: Real | None = None,
     *,
-    negative_multiplier: float | None = None,
+    negative_multiplier: Real | None = None,
 ) -> Iterator[BakedWeights]:
     """Run the model with the circuit baked into its weights inside the ``with`` block.
 
@@ -286,9 +351,9 @@ def _model_dtype(model: Any) -> torch.dtype:
 def steered_hf_model(
     model_or_dir: Any,
     circuit: Circuit,
-    multiplier: float = 0.0,
+    multiplier: Real = 0.0,
     *,
-    negative_multiplier: float | None = None,
+    negative_multiplier: Real | None = None,
 ) -> Any:
     """A plain ``transformers`` model (no bridge, no hooks) with the circuit baked in.
 
@@ -313,7 +378,9 @@ def steered_hf_model(
     from transformers import AutoModelForCausalLM
 
     from cna_lens.loading import load_model
+    from cna_lens.steering import _check_circuit
 
+    circuit = _check_circuit(circuit)
     config = _check_config(multiplier, negative_multiplier)
     if isinstance(model_or_dir, (str, os.PathLike)):
         bridge = load_model(model_or_dir, device="cpu", dtype=_disk_dtype(model_or_dir))
@@ -371,10 +438,10 @@ def _disk_dtype(path: str | os.PathLike[str]) -> torch.dtype:
 def export_steered(
     model_or_dir: Any,
     circuit: Circuit,
-    multiplier: float,
+    multiplier: Real,
     out_dir: str | os.PathLike[str],
     *,
-    negative_multiplier: float | None = None,
+    negative_multiplier: Real | None = None,
 ) -> Path:
     """Write the steered model as a standard Hugging Face directory.
 
@@ -387,14 +454,19 @@ def export_steered(
         model_or_dir: A bridge from :func:`cna_lens.load_model`, or a local HF directory.
         circuit: The neurons to scale; validated against the model.
         multiplier: 0 ablates, 1 is the unchanged model, > 1 amplifies.
-        out_dir: Where to write (created; existing files of the same names are replaced).
+        out_dir: Where to write. Written atomically: the export goes to a temporary
+            directory beside it, which then replaces ``out_dir`` as a whole (the old
+            directory is kept until the new one is complete). An existing ``out_dir`` must
+            be empty or a previous export (holding ``cna_steering.json``).
         negative_multiplier: Separate factor for neurons with delta < 0 (default: same).
 
     Returns:
         ``out_dir`` as a ``Path``.
 
     Raises:
-        CNAError: bad multiplier, an unbakeable layer, or ``out_dir`` is an existing file.
+        CNAError: bad multiplier, an unbakeable layer, ``out_dir`` is an existing file or a
+            non-empty directory that is not a previous export, or the write failed (nothing
+            is changed then).
         CircuitMismatchError: the circuit was made for another model.
 
     Example:
@@ -406,21 +478,63 @@ def export_steered(
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise CNAError(f"out_dir {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "cna_steering.json").is_file():
+        raise CNAError(f"out_dir {str(out)!r} is not empty and is not a previous export (no "
+                       "cna_steering.json in it); it would be replaced as a whole, so choose a "
+                       "new or empty directory")
     hf = steered_hf_model(model_or_dir, circuit, multiplier,
                           negative_multiplier=negative_multiplier)
     if isinstance(model_or_dir, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(str(Path(model_or_dir).expanduser()))
     else:
         tokenizer = model_or_dir.tokenizer
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     record = {
         "multiplier": float(multiplier),
         "negative_multiplier": None if negative_multiplier is None else float(negative_multiplier),
         "positions": "all",
         "circuit": circuit.to_dict(),
     }
-    (out / "cna_steering.json").write_text(json.dumps(record, indent=1))
+
+    def write(tmp: Path) -> None:
+        hf.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "cna_steering.json").write_text(json.dumps(record, indent=1))
+
+    _replace_dir_atomically(out, write)
     logger.info("wrote steered model (%d neurons, m=%s) to %s", len(circuit), multiplier, out)
     return out
+
+
+def _replace_dir_atomically(out: Path, write: Any) -> None:
+    """Run ``write(tmp)`` on a fresh directory beside ``out``, then swap it in for ``out``.
+
+    The old ``out`` is renamed aside, the new one renamed into place, and only then is the
+    old one deleted; on any failure the temporary directory is removed and ``out`` is left
+    as it was.
+    """
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as exc:
+        raise CNAError(f"cannot write to {str(out)!r}: {exc.strerror or exc}") from exc
+    old: Path | None = None
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.{uuid.uuid4().hex}.old"
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out)
+                old = None
+            raise
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise CNAError(f"cannot write to {str(out)!r}: {exc.strerror or exc}") from exc
+        raise
+    if old is not None:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(old)

@@ -15,7 +15,6 @@ not a claim about the paper's. Pass ``layers=`` to steer others.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from cna_lens._validate import Integral, check_real
 from cna_lens.errors import CNAError
 from cna_lens.loading import tokenize_prompts, validate_prompts
 
@@ -62,7 +62,7 @@ def residual_means(
     model: Any,
     prompts: Sequence[str],
     *,
-    batch_size: int = 32,
+    batch_size: Integral = 32,
     progress: bool = False,
     desc: str = "residual",
 ) -> Float[Tensor, "n_layers d_model"]:
@@ -128,7 +128,7 @@ def compute_caa(
     positive: Sequence[str],
     negative: Sequence[str],
     *,
-    batch_size: int = 32,
+    batch_size: Integral = 32,
     progress: bool = False,
 ) -> CAAVectors:
     """The CAA vectors of every layer from two prompt sets.
@@ -210,8 +210,7 @@ def caa_steer(
         >>> with caa_steer(model, vectors, -1.0):  # doctest: +SKIP
         ...     logits = model(tokens)
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise CNAError(f"alpha must be a finite number, got {alpha!r}")
+    alpha = check_real("alpha", alpha)
     shape = (int(model.cfg.n_layers), int(model.cfg.d_model))
     if (caa.n_layers, caa.d_model) != shape:
         raise CNAError(f"CAA vectors are [{caa.n_layers}, {caa.d_model}] but the model has "

@@ -12,7 +12,6 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from cna_lens.errors import CNAError
@@ -54,7 +53,10 @@ def _load(args: argparse.Namespace) -> Any:
     if name.startswith("organism:"):
         from cna_lens import organism
 
-        name = str(organism.path(name.split(":", 1)[1]))
+        try:
+            name = str(organism.path(name.split(":", 1)[1]))
+        except (ValueError, FileNotFoundError) as exc:
+            raise CNAError(f"--model {args.model!r}: {exc}") from exc
     elif name.startswith("zoo:"):
         from cna_lens import zoo
 
@@ -64,7 +66,9 @@ def _load(args: argparse.Namespace) -> Any:
 
 def _cmd_discover(args: argparse.Namespace) -> int:
     from cna_lens.discovery import discover
+    from cna_lens.io import check_writable_file
 
+    check_writable_file(args.out)  # before any forward pass
     column = args.prompt_column
     positive = read_prompts(args.positive, column=column)
     negative = read_prompts(args.negative, column=column)
@@ -92,8 +96,11 @@ def _cmd_discover(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from cna_lens.circuit import Circuit
     from cna_lens.interventions import Steering
+    from cna_lens.io import atomic_write_text, check_writable_file
     from cna_lens.steering import generate
 
+    if args.out:
+        check_writable_file(args.out)  # before any generation
     prompts = read_prompts(args.prompts, column=args.prompt_column)
     circuit = Circuit.load(args.circuit) if args.circuit else None
     if circuit is None and args.multiplier != 1.0:
@@ -108,13 +115,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     )
     rows = [{"prompt": p, "output": t, "multiplier": args.multiplier if circuit else None,
              "circuit": args.circuit} for p, t in zip(prompts, texts, strict=True)]
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     for r in rows:
         print(f"> {r['prompt']}\n  {r['output']}")
     if args.out:
+        jsonl = "".join(json.dumps(r) + "\n" for r in rows)
+        try:
+            atomic_write_text(args.out, jsonl)
+        except CNAError as exc:
+            sys.stdout.write(jsonl)  # never lose finished work
+            raise CNAError(f"{exc}; the {len(rows)} results were written to stdout as JSON "
+                           "lines instead") from exc
         print(f"wrote {len(rows)} generations -> {args.out}")
     return 0
 

@@ -7,15 +7,16 @@ attribute both sets -> flag universal neurons -> select the top-k by a neuron sc
 
 from __future__ import annotations
 
-import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any
 
+from cna_lens._validate import Integral, Real, check_int, check_real
 from cna_lens.activations import activation_stats
 from cna_lens.attribution import Attribution
-from cna_lens.circuit import Circuit, Neuron, Provenance, resolve_k, select_top_k
+from cna_lens.circuit import Circuit, Neuron, Provenance, check_layers, resolve_k, select_top_k
 from cna_lens.errors import CNAError
 from cna_lens.loading import (
     MLP_HOOK,
@@ -34,10 +35,8 @@ __all__ = ["Discovery", "DiscoveryConfig", "circuit_from_attribution", "discover
 
 
 
-def _check_fraction(name: str, value: Any) -> None:
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not 0.0 < value <= 1.0 or math.isnan(value)):
-        raise CNAError(f"{name} must be in (0, 1], got {value!r}")
+def _fraction(name: str, value: Any) -> float:
+    return check_real(name, value, low=0.0, high=1.0, low_open=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,42 +62,51 @@ class DiscoveryConfig:
         True
     """
 
-    fraction: float | None = 0.001
-    top_k: int | None = None
+    # __post_init__ checks every field and raises CNAError naming it (numbers of any
+    # numeric type, e.g. np.int64, are accepted and converted); a runtime type checker
+    # checking __init__ first would pre-empt those messages.
+    __no_type_check__ = True
+
+    fraction: Real | None = 0.001
+    top_k: Integral | None = None
     exclude_layers: Sequence[int] = ()
     universal_filter: bool = True
     universal_prompts: Sequence[str] | None = None
-    universal_top_fraction: float = 0.001
-    universal_threshold: float = 0.8
+    universal_top_fraction: Real = 0.001
+    universal_threshold: Real = 0.8
     score: str | Score = "abs_delta"
-    batch_size: int = 32
+    batch_size: Integral = 32
 
     def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
         if self.top_k is not None:
-            object.__setattr__(self, "fraction", None)
-            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-                raise CNAError(f"top_k must be a positive integer, got {self.top_k!r}")
+            put("fraction", None)
+            put("top_k", check_int("top_k", self.top_k, low=1))
         elif self.fraction is None:
             raise CNAError("give exactly one of fraction (e.g. 0.001) or top_k")
         else:
-            _check_fraction("fraction", self.fraction)
-        layers = tuple(self.exclude_layers)
+            put("fraction", _fraction("fraction", self.fraction))
+        layers = self.exclude_layers
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple, range)):
+            raise CNAError(f"exclude_layers must be a list of layer indices (e.g. [0, 1]), got "
+                           f"{type(layers).__name__} {layers!r:.60}")
         for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                raise CNAError(f"exclude_layers must be layer indices >= 0, got {layers}")
-        object.__setattr__(self, "exclude_layers", layers)
+            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer < 0:
+                raise CNAError(f"exclude_layers has {layer!r}; valid layers are integers >= 0")
+        put("exclude_layers", tuple(int(layer) for layer in layers))
         if not isinstance(self.universal_filter, bool):
             raise CNAError(f"universal_filter must be True or False, got "
                            f"{self.universal_filter!r}")
         if self.universal_prompts is not None:
-            object.__setattr__(self, "universal_prompts", tuple(
+            put("universal_prompts", tuple(
                 validate_prompts(list(self.universal_prompts), "universal prompts")))
-        _check_fraction("universal_top_fraction", self.universal_top_fraction)
-        _check_fraction("universal_threshold", self.universal_threshold)
+        put("universal_top_fraction",
+            _fraction("universal_top_fraction", self.universal_top_fraction))
+        put("universal_threshold", _fraction("universal_threshold", self.universal_threshold))
         get_score(self.score)  # unknown names fail here, listing the valid ones
-        if (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
-                or self.batch_size < 1):
-            raise CNAError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        put("batch_size", check_int("batch_size", self.batch_size, low=1))
 
     @property
     def score_name(self) -> str:
@@ -189,8 +197,8 @@ class Discovery:
 def circuit_from_attribution(
     attribution: Attribution,
     *,
-    fraction: float | None = 0.001,
-    top_k: int | None = None,
+    fraction: Real | None = 0.001,
+    top_k: Integral | None = None,
     exclude_layers: Sequence[int] = (),
     score: str | Score = "abs_delta",
     universal: UniversalNeurons | None = None,
@@ -259,9 +267,7 @@ def discover_with(
     n_total = n_layers * int(model.cfg.d_mlp)
     # Fail on a bad size or layer before any forward pass (re-checked after filtering).
     resolve_k(n_total, n_total, fraction=config.fraction, top_k=config.top_k)
-    for layer in config.exclude_layers:
-        if layer >= n_layers:
-            raise CNAError(f"exclude_layers has {layer}, valid layers are 0..{n_layers - 1}")
+    check_layers("exclude_layers", config.exclude_layers, n_layers)
     pos, _ = stats_fn(positive, desc="positive")
     neg, _ = stats_fn(negative, desc="negative")
     attribution = Attribution(pos, neg)

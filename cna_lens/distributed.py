@@ -36,6 +36,7 @@ import torch.distributed as dist
 from jaxtyping import Int
 from torch import Tensor
 
+from cna_lens._validate import Integral, Real
 from cna_lens.activations import NeuronStats, activation_stats
 from cna_lens.discovery import Discovery, DiscoveryConfig, discover_with
 from cna_lens.errors import CNAError
@@ -72,7 +73,7 @@ def shard_prompts(
     model: Any,
     prompts: PromptList,
     *,
-    batch_size: int,
+    batch_size: Integral,
     rank: int | None = None,
     world_size: int | None = None,
     group: Any = None,
@@ -127,8 +128,8 @@ def activation_stats_distributed(
     model: Any,
     prompts: PromptList,
     *,
-    batch_size: int = 32,
-    top_fraction: float | None = None,
+    batch_size: Integral = 32,
+    top_fraction: Real | None = None,
     group: Any = None,
     progress: bool = False,
     desc: str = "activations",

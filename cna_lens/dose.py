@@ -354,9 +354,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from cna_lens.cli import _load, read_prompts
     from cna_lens.discovery import DiscoveryConfig, discover_full
     from cna_lens.figures import save_figures
+    from cna_lens.io import atomic_write_text
 
     fractions = check_fractions(args.fractions)
     check_multipliers(args.multipliers)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # before any forward pass
+        raise CNAError(f"--out {str(out)!r} is an existing file; give a directory")
     positive, negative = read_prompts(args.positive), read_prompts(args.negative)
     sets = {
         "harmful": read_prompts(args.prompts_harmful),
@@ -385,16 +389,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=True,
     )
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "sweep.csv", index=False)
+    atomic_write_text(out / "sweep.csv", table.to_csv(index=False))
     record = {
         "discovery": config.to_dict(),
         "circuit": found.circuit.to_dict(),
         "max_new_tokens": args.max_new_tokens,
         "rows": json.loads(table.to_json(orient="records")),
     }
-    (out / "sweep.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    atomic_write_text(out / "sweep.json", json.dumps(record, indent=1))
     saved = save_figures(
         {"dose_vs_k": dose_figure(table, x="k"), "dose_vs_m": dose_figure(table, x="multiplier")},
         out,

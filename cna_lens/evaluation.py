@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,6 +35,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from cna_lens._validate import check_int, check_real
 from cna_lens.circuit import Circuit
 from cna_lens.errors import CNAError
 
@@ -159,8 +161,7 @@ def output_quality(text: str, n: int = 4) -> float:
         >>> output_quality("a b c d a b c d")  # 5 four-grams, 4 distinct
         0.8
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise CNAError(f"n must be a positive integer, got {n!r}")
+    n = check_int("n", n, low=1)
     words = text.lower().split()
     if not words:
         return EMPTY_QUALITY
@@ -368,9 +369,11 @@ def judge_scores(prompts: Sequence[str], responses: Sequence[str], judge: Judge)
     scores = []
     for p, r in zip(prompts, responses, strict=True):
         s = judge(p, r)
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0:
-            raise CNAError(f"judge returned {s!r} for prompt {p!r:.60}; scores must be in [0, 1]")
-        scores.append(float(s))
+        try:
+            scores.append(check_real("judge score", s, low=0.0, high=1.0))
+        except CNAError:
+            raise CNAError(f"judge returned {s!r} for prompt {p!r:.60}; scores must be in "
+                           "[0, 1]") from None
     return scores
 
 
@@ -454,7 +457,7 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
 def _check_strengths(name: str, values: Iterable[float]) -> tuple[float, ...]:
     vals = tuple(values)
     for v in vals:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise CNAError(f"{name} must be finite numbers, got {v!r} in {vals}")
     return tuple(float(v) for v in vals)
 

@@ -465,8 +465,7 @@ def ablation_effect(
     n = _as_neuron(model, neuron)
     prompts = validate_prompts(prompts, "ablation prompts")
     ids = refusal_token_ids(model, refusal_tokens)
-    circuit = Circuit.from_pairs([(n.layer, n.neuron)], n_layers=int(model.cfg.n_layers),
-                                 d_mlp=int(model.cfg.d_mlp))
+    circuit = Circuit.from_pairs([(n.layer, n.neuron)], model=model)
     clean = _last_logits(model, prompts, batch_size)
     with steer(model, circuit, 0.0):
         ablated = _last_logits(model, prompts, batch_size)

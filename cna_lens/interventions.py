@@ -35,7 +35,6 @@ Add an intervention by writing one function and registering it::
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -45,6 +44,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from cna_lens._validate import Real, check_real
 from cna_lens.circuit import Circuit, Neuron
 from cna_lens.errors import CNAError
 
@@ -214,11 +214,7 @@ class LayerOp:
 
 
 def _check_multiplier(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CNAError(f"{name} must be a real number, got {value!r}")
-    if not math.isfinite(value):
-        raise CNAError(f"{name} must be finite, got {value!r}")
-    return float(value)
+    return check_real(name, value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,10 +240,14 @@ class Steering:
         [('L0N1', 0.0)]
     """
 
+    # __post_init__ checks and converts the fields (NumPy numbers included) with CNAError
+    # messages; a runtime type checker checking __init__ first would pre-empt them.
+    __no_type_check__ = True
+
     circuit: Circuit
     intervention: str = "scale"
-    multiplier: float = 0.0
-    negative_multiplier: float | None = None
+    multiplier: Real = 0.0
+    negative_multiplier: Real | None = None
     sign: Sign | str = "both"
     positions: Positions | str = "all"
     _steered: tuple[tuple[Neuron, float], ...] = field(init=False, repr=False, compare=False)

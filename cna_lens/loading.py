@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from cna_lens._validate import Integral, check_int
 from cna_lens.errors import CNAError
 from cna_lens.gguf import resolve_gguf
 
@@ -57,6 +59,46 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+
+
+@dataclass(frozen=True)
+class _ModelInfo:
+    """What cna_lens knows about a loaded model beyond the bridge itself."""
+
+    model_id: str
+    chat: bool | None
+    source: str | None = None
+
+
+# Per-model state lives here, keyed weakly by the model, never patched onto the model.
+_MODEL_INFO: weakref.WeakKeyDictionary[Any, _ModelInfo] = weakref.WeakKeyDictionary()
+
+
+def _set_model_info(model: Any, *, model_id: str, chat: bool | None,
+                    source: str | None = None) -> None:
+    _MODEL_INFO[model] = _ModelInfo(model_id=model_id, chat=chat, source=source)
+
+
+def _model_info(model: Any) -> _ModelInfo | None:
+    try:
+        return _MODEL_INFO.get(model)
+    except TypeError:  # not weak-referenceable
+        return None
+
+
+def _check_device(device: str | torch.device | None) -> None:
+    if device is None or isinstance(device, torch.device):
+        return
+    if not isinstance(device, str):
+        raise CNAError(f"device must be a string like 'cpu', 'cuda' or 'cuda:1', got "
+                       f"{device!r}")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise CNAError(f"unknown device {device!r}; valid: 'cpu', 'cuda', 'cuda:N', 'mps', ...") \
+            from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise CNAError(f"device {device!r} asked for, but CUDA is not available here; use 'cpu'")
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -104,7 +146,16 @@ def load_model(
     """
     from transformer_lens import TransformerBridge
 
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise CNAError(f"name_or_path must be a hub model name or a directory, got "
+                       f"{type(name_or_path).__name__}")
     name = os.fspath(name_or_path)
+    if not isinstance(name, str) or not name.strip():
+        raise CNAError("model name is empty; give a hub model name or a local HF directory")
+    if chat is not None and not isinstance(chat, bool):
+        raise CNAError(f"chat must be True, False or None, got {chat!r}")
+    _check_device(device)
+    torch_dtype = _resolve_dtype(dtype)
     path = Path(name).expanduser()
     gguf_file = resolve_gguf(path) if path.exists() else None
     if gguf_file is not None:
@@ -128,7 +179,6 @@ def load_model(
         kwargs["device_map"] = device_map
     if n_devices is not None:
         kwargs["n_devices"] = n_devices
-    torch_dtype = _resolve_dtype(dtype)
     if gguf_file is not None:
         from cna_lens.gguf import load_gguf
 
@@ -138,12 +188,19 @@ def load_model(
         hf_model, tokenizer = load_gguf(gguf_file, dtype=torch_dtype)
         kwargs.update(hf_model=hf_model.to(device), tokenizer=tokenizer)
         name = str(gguf_file.parent)
-    model = TransformerBridge.boot_transformers(name, device=device, dtype=torch_dtype, **kwargs)
+    try:
+        model = TransformerBridge.boot_transformers(name, device=device, dtype=torch_dtype,
+                                                    **kwargs)
+    except CNAError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, ImportError, AssertionError) as exc:
+        where = "directory" if path.exists() else "hub model (needs network or a warm HF cache)"
+        raise CNAError(f"cannot load {name!r} as a {where} on device={device!r}: "
+                       f"{type(exc).__name__}: {exc}") from exc
     model.eval()
     mlp_hook_names(model)  # refuse models without MLP hook_post up front
-    model._cna_model_id = portable_model_id(gguf_file or name_or_path)
-    model._cna_source = str(gguf_file) if gguf_file is not None else name
-    model._cna_chat = chat
+    _set_model_info(model, model_id=portable_model_id(gguf_file or name_or_path), chat=chat,
+                    source=str(gguf_file) if gguf_file is not None else name)
     return model
 
 
@@ -165,14 +222,15 @@ def portable_model_id(name_or_path: str | os.PathLike[str]) -> str:
 def model_source(model: Any) -> str | None:
     """Where the model was loaded from on this machine (a directory, a .gguf file or a hub
     name), for code that must reload it; None when unknown."""
-    return getattr(model, "_cna_source", None)
+    info = _model_info(model)
+    return info.source if info is not None else None
 
 
 def model_id(model: Any) -> str:
     """The model's portable id (see :func:`portable_model_id`), or its HF name_or_path."""
-    explicit = getattr(model, "_cna_model_id", None)
-    if explicit:
-        return str(explicit)
+    info = _model_info(model)
+    if info is not None and info.model_id:
+        return info.model_id
     cfg = getattr(getattr(model, "original_model", None), "config", None)
     return str(getattr(cfg, "_name_or_path", "") or getattr(model.cfg, "model_name", "unknown"))
 
@@ -219,7 +277,8 @@ def validate_prompts(prompts: Any, what: str = "prompts") -> list[str]:
     """Return ``prompts`` as a list of strings, or raise naming the offending entry.
 
     Raises:
-        CNAError: ``prompts`` is a bare string, is empty, or holds a non-string / blank entry.
+        CNAError: ``prompts`` is a bare string, is empty, or holds a non-string / blank entry
+            or one that is not valid Unicode (a lone surrogate).
     """
     if isinstance(prompts, (str, bytes)):
         raise CNAError(f"{what} must be a sequence of strings, got a single string {prompts!r:.60}")
@@ -234,6 +293,12 @@ def validate_prompts(prompts: Any, what: str = "prompts") -> list[str]:
             raise CNAError(f"{what}[{i}] is {type(p).__name__} ({p!r:.60}), expected str")
         if not p.strip():
             raise CNAError(f"{what}[{i}] is blank; every prompt needs some text")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise CNAError(f"{what}[{i}] is not valid Unicode text (a lone surrogate "
+                           f"{p[exc.start]!r} at character {exc.start}); prompts must be "
+                           "encodable as UTF-8") from None
     return items
 
 
@@ -244,9 +309,9 @@ def prompt_set_hash(prompts: Sequence[str]) -> str:
 
 def is_chat_model(model: Any) -> bool:
     """True iff prompts are wrapped in the chat template (tokenizer has one, unless overridden)."""
-    forced = getattr(model, "_cna_chat", None)
-    if forced is not None:
-        return bool(forced)
+    info = _model_info(model)
+    if info is not None and info.chat is not None:
+        return info.chat
     return bool(getattr(model.tokenizer, "chat_template", None))
 
 
@@ -299,10 +364,11 @@ def tokenize_prompts(
     model: Any,
     prompts: PromptList,
     *,
-    batch_size: int,
-    max_new_tokens: int = 0,
+    batch_size: Integral,
+    max_new_tokens: Integral = 0,
     sort_by_length: bool = True,
     device: torch.device | str | None = None,
+    what: str = "prompts",
 ) -> list[TokenBatch]:
     """Format, tokenize and left-pad prompts into batches.
 
@@ -314,21 +380,22 @@ def tokenize_prompts(
         sort_by_length: Group prompts of similar length to waste less compute on padding;
             ``TokenBatch.indices`` maps rows back to the caller's order.
         device: Where to put the tensors (default: the model's device).
+        what: The prompt set's name in error messages (e.g. "positive prompts").
 
     Raises:
         CNAError: bad ``batch_size``, or a prompt (plus ``max_new_tokens``) longer than the
             model's context ``n_ctx``.
     """
-    prompts = validate_prompts(prompts)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise CNAError(f"batch_size must be a positive integer, got {batch_size!r}")
+    prompts = validate_prompts(prompts, what)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=0)
     encoded = [_encode(model, p) for p in prompts]
     n_ctx = int(model.cfg.n_ctx)
     for i, ids in enumerate(encoded):
         if len(ids) + max_new_tokens > n_ctx:
             extra = f" + max_new_tokens={max_new_tokens}" if max_new_tokens else ""
             raise CNAError(
-                f"prompt {i} is {len(ids)} tokens{extra}, longer than the model's context "
+                f"{what}[{i}] is {len(ids)} tokens{extra}, longer than the model's context "
                 f"n_ctx={n_ctx}; shorten it{' or lower max_new_tokens' if extra else ''}"
             )
     order = list(range(len(prompts)))

@@ -166,8 +166,9 @@ def read_prompts(path: str | os.PathLike[str], *, column: str | None = None) -> 
         items = _from_csv(text, where, column)
     else:
         items = [line for line in _LINE_BREAK.split(text) if line.strip()]
-    result = validate_prompts(items, where)
-    for i, prompt in enumerate(result):
+    for i, prompt in enumerate(items):  # before validate_prompts: name the exact character
+        if not isinstance(prompt, str):
+            continue  # validate_prompts names the entry
         if "\x00" in prompt:
             raise CNAError(f"{where}[{i}] contains a NUL character ({prompt!r:.60}); "
                            f"prompts must be plain text")
@@ -175,7 +176,7 @@ def read_prompts(path: str | os.PathLike[str], *, column: str | None = None) -> 
         if bad:
             raise CNAError(f"{where}[{i}] contains a lone surrogate U+{ord(bad.group()):04X} "
                            f"({prompt!r:.60}); prompts must be valid Unicode text")
-    return result
+    return validate_prompts(items, where)
 
 
 def _decode(raw: bytes, where: str) -> str:

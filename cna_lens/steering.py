@@ -6,11 +6,24 @@ applies another intervention (:mod:`cna_lens.interventions`, passed as one
 :class:`~cna_lens.Steering` value), with one hook per layer, registered through
 TransformerLens hook points and always removed when the context exits, exception or not. ``generate`` runs batched, left-padded,
 KV-cached generation (greedy by default) under such a context and returns the texts.
+
+Positions: with ``positions="prompt"`` or ``"generated"`` a hook counts the positions it
+has seen since the start of a sequence. :func:`generate` starts a new sequence for every
+batch it runs, and resets the counters of every steering context active on the model at
+the start of each batch, including a context the caller opened around the call; so one
+``generate`` call is correct however many batches it makes, and a context can be reused
+across ``generate`` calls. Forward passes you run yourself continue the count: call
+``handle.reset()`` between your own sequences.
+
+Threads: hooks live on the model, so steering contexts are per model and not
+thread-safe. Entering :func:`steer`, :func:`cna_lens.bake` or :func:`generate` on a model
+while another thread is inside one of them on the same model raises :class:`CNAError`;
+use one model per thread.
 """
 
 from __future__ import annotations
 
-import math
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +34,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from cna_lens import _model_state
+from cna_lens._validate import Integral, Real, check_int, check_real
 from cna_lens.circuit import Circuit
 from cna_lens.errors import CNAError
 from cna_lens.interventions import Positions, Steering
@@ -31,11 +46,45 @@ __all__ = ["Positions", "Steering", "SteeringConfig", "generate", "generate_toke
 
 
 def _check_multiplier(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CNAError(f"{name} must be a real number, got {value!r}")
-    if not math.isfinite(value):
-        raise CNAError(f"{name} must be finite, got {value!r}")
-    return float(value)
+    return check_real(name, value)
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    """The floating-point dtype the model computes in."""
+    dtype = getattr(getattr(model, "cfg", None), "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return next(model.parameters()).dtype
+    except (AttributeError, StopIteration):
+        return torch.float32
+
+
+def check_fits_dtype(config: SteeringConfig, dtype: torch.dtype) -> None:
+    """Refuse multipliers that are not finite in ``dtype`` (e.g. 1e5 in float16).
+
+    Raises:
+        CNAError: ``|multiplier|`` or ``|negative_multiplier|`` exceeds ``finfo(dtype).max``.
+    """
+    limit = torch.finfo(dtype).max
+    for name, m in (("multiplier", config.multiplier),
+                    ("negative_multiplier", config.negative_multiplier)):
+        if m is not None and abs(m) > limit:
+            raise CNAError(f"{name}={m:g} overflows the model's dtype {dtype} (largest finite "
+                           f"value {limit:g}); choose |{name}| <= {limit:g}")
+
+
+def _check_circuit(circuit: Any) -> Circuit:
+    if not isinstance(circuit, Circuit):
+        raise CNAError(f"circuit must be a cna_lens Circuit (e.g. Circuit.load(path)), got "
+                       f"{type(circuit).__name__} {circuit!r:.60}")
+    return circuit
+
+
+def _check_model(model: Any) -> None:
+    if not hasattr(model, "hooks") or not hasattr(model, "cfg"):
+        raise CNAError(f"model must be a TransformerBridge from cna_lens.load_model, got "
+                       f"{type(model).__name__}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +98,10 @@ class SteeringConfig:
         positions: "all" positions, only the "prompt" (the first forward pass of a
             generation), or only "generated" tokens (later, incremental decoding steps).
     """
+
+    # __post_init__ checks and converts the fields (NumPy numbers included) with CNAError
+    # messages; a runtime type checker checking __init__ first would pre-empt them.
+    __no_type_check__ = True
 
     multiplier: float = 0.0
     negative_multiplier: float | None = None
@@ -106,11 +159,14 @@ class _LayerHook:
                  prompt_length: int | None):
         self.op = _ScaleOp(op) if isinstance(op, Tensor) else op
         self.positions = positions
+        self.given_prompt_length = prompt_length
         self.prompt_length = prompt_length
         self.seen = 0
 
     def reset(self) -> None:
+        """Start a new sequence: no position seen, the prompt length not yet known."""
         self.seen = 0
+        self.prompt_length = self.given_prompt_length
 
     def __call__(self, act: Tensor, hook: Any) -> Tensor:
         if self.positions == "all":
@@ -147,16 +203,34 @@ class SteeringHandle:
             h.reset()
 
 
+# The steering contexts open on each model (of one thread: see _model_state), so that
+# generate can start every batch as a new sequence. Nothing is patched onto the model.
+_ACTIVE: weakref.WeakKeyDictionary[Any, list[SteeringHandle]] = weakref.WeakKeyDictionary()
+
+
+def _reset_active(model: Any) -> None:
+    try:
+        handles = list(_ACTIVE.get(model, ()))
+    except TypeError:
+        return
+    for handle in handles:
+        handle.reset()
+
+
 def as_steering(
-    circuit: Circuit | Steering,
-    multiplier: float | None = None,
-    negative_multiplier: float | None = None,
-    positions: Positions | str | None = None,
+    circuit: Any,
+    multiplier: Any = None,
+    negative_multiplier: Any = None,
+    positions: Any = None,
 ) -> Steering:
     """A :class:`Steering` from either one, or a circuit and the old keyword arguments.
 
+    The arguments are typed ``Any`` because this function checks them itself (``circuit``
+    must be a :class:`Circuit` or a :class:`Steering`), with CNAError messages.
+
     Raises:
-        CNAError: a Steering together with multiplier/negative_multiplier/positions.
+        CNAError: not a circuit or a Steering, or a Steering together with
+            multiplier/negative_multiplier/positions.
     """
     if isinstance(circuit, Steering):
         given = [name for name, v in (("multiplier", multiplier),
@@ -166,7 +240,8 @@ def as_steering(
             raise CNAError(f"pass either a Steering or a circuit with {given}, not both; set "
                            "them on the Steering (dataclasses.replace(steering, ...))")
         return circuit
-    return Steering(circuit=circuit, multiplier=0.0 if multiplier is None else multiplier,
+    return Steering(circuit=_check_circuit(circuit),
+                    multiplier=0.0 if multiplier is None else multiplier,
                     negative_multiplier=negative_multiplier,
                     positions="all" if positions is None else positions)
 
@@ -175,11 +250,11 @@ def as_steering(
 def steer(
     model: Any,
     circuit: Circuit | Steering,
-    multiplier: float | None = None,
+    multiplier: Real | None = None,
     *,
-    negative_multiplier: float | None = None,
+    negative_multiplier: Real | None = None,
     positions: Positions | str | None = None,
-    prompt_length: int | None = None,
+    prompt_length: Integral | None = None,
 ) -> Iterator[SteeringHandle]:
     """Steer the circuit's neurons inside the ``with`` block.
 
@@ -197,11 +272,19 @@ def steer(
             wrap one generation per context (or call ``handle.reset()`` between them).
         prompt_length: Number of prompt positions; default: the first forward pass.
 
+    Steering contexts are per model and not thread-safe: the hooks live on the model, so
+    every thread running it is steered. Entering ``steer`` (or ``bake`` / ``generate``) on
+    a model while another thread is inside one on the same model raises :class:`CNAError`;
+    use one model per thread. Nesting within one thread is fine. ``generate`` inside the
+    context resets the position counters at the start of each of its batches.
+
     Raises:
-        CNAError: non-finite multiplier, unknown ``positions``, intervention or sign, a
-            Steering combined with the keyword form, or an intervention the circuit lacks
-            data for.
-        CircuitMismatchError: the circuit was made for another model.
+        CNAError: not a circuit, a non-finite multiplier or one that overflows the model's
+            dtype, bad ``prompt_length``, unknown ``positions``, intervention or sign, a
+            Steering combined with the keyword form, an intervention the circuit lacks data
+            for, or the model is in use by another thread.
+        CircuitMismatchError: the circuit was made for another model (or has no
+            fingerprint: see :meth:`Circuit.validate`).
 
     Example:
         >>> with steer(model, circuit, 0.0):  # doctest: +SKIP
@@ -210,11 +293,15 @@ def steer(
         ...                            multiplier=0.0, sign="positive")):
         ...     logits = model(tokens)
     """
+    _check_model(model)
     steering = as_steering(circuit, multiplier, negative_multiplier, positions)
     config = SteeringConfig(multiplier=steering.multiplier,
                             negative_multiplier=steering.negative_multiplier,
                             positions=steering.positions)
+    if prompt_length is not None:
+        prompt_length = check_int("prompt_length", prompt_length, low=1)
     steering.circuit.validate(model)
+    check_fits_dtype(config, model_dtype(model))
     hooks: list[_LayerHook] = []
     fwd_hooks = []
     # An identity steering (m = 1, or no neuron of the selected sign) registers no hook.
@@ -224,8 +311,14 @@ def steer(
         fwd_hooks.append((MLP_HOOK.format(layer=layer), hook))
     # model.hooks() registers inside its try block and removes exactly the handles it added
     # in its finally block, so a failure half-way through adding or running leaves no hook.
-    with model.hooks(fwd_hooks=fwd_hooks):
-        yield SteeringHandle(config, hooks, steering)
+    handle = SteeringHandle(config, hooks, steering)
+    with _model_state.hold(model, "a steering context"), model.hooks(fwd_hooks=fwd_hooks):
+        active = _ACTIVE.setdefault(model, [])
+        active.append(handle)
+        try:
+            yield handle
+        finally:
+            active.remove(handle)
 
 
 def _eos_ids(model: Any) -> list[int]:
@@ -246,36 +339,51 @@ def generate_token_ids(
     prompts: PromptList,
     *,
     circuit: Circuit | None = None,
-    multiplier: float = 1.0,
-    negative_multiplier: float | None = None,
+    multiplier: Real = 1.0,
+    negative_multiplier: Real | None = None,
     positions: Positions | str = "all",
     steering: Steering | None = None,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
+    max_new_tokens: Integral = 64,
+    batch_size: Integral = 16,
     do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float | None = None,
-    seed: int | None = None,
+    temperature: Real = 1.0,
+    top_p: Real | None = None,
+    seed: Integral | None = None,
     progress: bool = False,
 ) -> list[list[int]]:
     """Generated token ids per prompt (new tokens only, up to and excluding EOS).
 
     See :func:`generate` for the arguments.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise CNAError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    SteeringConfig(multiplier=multiplier, negative_multiplier=negative_multiplier,
-                   positions=positions)  # validate before any work
+    # Validate everything before any work.
+    _check_model(model)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
+    config = SteeringConfig(multiplier=multiplier, negative_multiplier=negative_multiplier,
+                            positions=positions)
+    if not isinstance(do_sample, bool):
+        raise CNAError(f"do_sample must be True or False, got {do_sample!r}")
+    temperature = check_real("temperature", temperature, low=0.0, low_open=True)
+    if top_p is not None:
+        top_p = check_real("top_p", top_p, low=0.0, high=1.0, low_open=True)
+    if seed is not None:
+        seed = check_int("seed", seed, low=0)
     if steering is not None:
-        if circuit is not None or multiplier != 1.0 or negative_multiplier is not None or (
-                positions != "all"):
+        if not isinstance(steering, Steering):
+            raise CNAError(f"steering must be a cna_lens Steering, got "
+                           f"{type(steering).__name__} {steering!r:.60}")
+        if circuit is not None or config.multiplier != 1.0 or (
+                config.negative_multiplier is not None) or config.positions != "all":
             raise CNAError("pass either steering=Steering(...) or circuit=/multiplier=/"
                            "negative_multiplier=/positions=, not both")
     elif circuit is not None:
-        steering = Steering(circuit=circuit, multiplier=multiplier,
-                            negative_multiplier=negative_multiplier, positions=positions)
+        steering = Steering(circuit=_check_circuit(circuit), multiplier=config.multiplier,
+                            negative_multiplier=config.negative_multiplier,
+                            positions=config.positions)
     if steering is not None:
         steering.circuit.validate(model)
+        check_fits_dtype(SteeringConfig(multiplier=steering.multiplier,
+                                        negative_multiplier=steering.negative_multiplier,
+                                        positions=steering.positions), model_dtype(model))
     batches = tokenize_prompts(model, prompts, batch_size=batch_size,
                                max_new_tokens=max_new_tokens)
     eos = _eos_ids(model)
@@ -298,6 +406,7 @@ def generate_token_ids(
     try:
         for batch in batches:
             ctx = steer_nothing(model) if steering is None else steer(model, steering)
+            _reset_active(model)  # a new sequence for the caller's steering contexts too
             with ctx, torch.inference_mode():
                 out = model.original_model.generate(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs
@@ -315,8 +424,9 @@ def generate_token_ids(
 
 @contextmanager
 def steer_nothing(model: Any) -> Iterator[None]:
-    """A no-op stand-in for :func:`steer` (the unsteered model)."""
-    yield None
+    """A stand-in for :func:`steer` that steers nothing (but holds the model for this thread)."""
+    with _model_state.hold(model, "generate"):
+        yield None
 
 
 def generate(
@@ -324,16 +434,16 @@ def generate(
     prompts: PromptList,
     *,
     circuit: Circuit | None = None,
-    multiplier: float = 1.0,
-    negative_multiplier: float | None = None,
+    multiplier: Real = 1.0,
+    negative_multiplier: Real | None = None,
     positions: Positions | str = "all",
     steering: Steering | None = None,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
+    max_new_tokens: Integral = 64,
+    batch_size: Integral = 16,
     do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float | None = None,
-    seed: int | None = None,
+    temperature: Real = 1.0,
+    top_p: Real | None = None,
+    seed: Integral | None = None,
     progress: bool = False,
 ) -> list[str]:
     """Generate a completion per prompt, optionally with the circuit scaled.
@@ -363,7 +473,9 @@ def generate(
         The generated texts (new tokens only, special tokens removed), in prompt order.
 
     Raises:
-        CNAError: bad prompts, multiplier, positions or lengths.
+        CNAError: bad prompts, circuit, multiplier, positions, lengths, sampling arguments
+            (``temperature`` must be > 0, ``top_p`` in (0, 1], ``seed`` >= 0), or the model
+            is in use by another thread.
         CircuitMismatchError: the circuit belongs to another model.
     """
     ids = generate_token_ids(

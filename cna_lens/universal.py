@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from cna_lens._validate import Integral, Real, check_real
 from cna_lens.activations import activation_stats
 from cna_lens.errors import CNAError
 from cna_lens.loading import PromptList, prompt_set_hash, validate_prompts
@@ -52,21 +53,21 @@ class UniversalNeurons:
         return int(self.mask.sum())
 
 
-def _check_threshold(threshold: float) -> None:
-    if not 0.0 < threshold <= 1.0:
-        raise CNAError(f"threshold must be in (0, 1], got {threshold!r}")
+def _check_threshold(threshold: float, name: str = "threshold") -> float:
+    return check_real(name, threshold, low=0.0, high=1.0, low_open=True)
 
 
 def universal_from_counts(
     counts: Int[Tensor, "n_layers d_mlp"],
     n_prompts: int,
     *,
-    top_fraction: float = 0.001,
-    threshold: float = 0.8,
+    top_fraction: Real = 0.001,
+    threshold: Real = 0.8,
     prompts_hash: str | None = None,
 ) -> UniversalNeurons:
     """Flag neurons whose top-``top_fraction`` count reaches ``threshold * n_prompts``."""
-    _check_threshold(threshold)
+    threshold = _check_threshold(threshold)
+    top_fraction = check_real("top_fraction", top_fraction, low=0.0, high=1.0, low_open=True)
     if n_prompts < 1:
         raise CNAError(f"n_prompts must be >= 1, got {n_prompts}")
     mask = counts.to(torch.float64) >= threshold * n_prompts - 1e-9
@@ -77,9 +78,9 @@ def find_universal_neurons(
     model: Any,
     prompts: PromptList | None = None,
     *,
-    top_fraction: float = 0.001,
-    threshold: float = 0.8,
-    batch_size: int = 32,
+    top_fraction: Real = 0.001,
+    threshold: Real = 0.8,
+    batch_size: Integral = 32,
     progress: bool = False,
 ) -> UniversalNeurons:
     """Run the diverse prompts and flag the neurons that are always among the strongest.
@@ -101,15 +102,16 @@ def universal_neurons_from(
     stats_fn: Callable[..., Any],
     prompts: PromptList | None = None,
     *,
-    top_fraction: float = 0.001,
-    threshold: float = 0.8,
+    top_fraction: Real = 0.001,
+    threshold: Real = 0.8,
 ) -> UniversalNeurons:
     """:func:`find_universal_neurons` with the forward passes done by ``stats_fn``.
 
     ``stats_fn(prompts, desc=..., top_fraction=...)`` returns ``(stats, top_counts)`` like
     :func:`cna_lens.activation_stats` (or its sharded twin in :mod:`cna_lens.distributed`).
     """
-    _check_threshold(threshold)
+    threshold = _check_threshold(threshold)
+    top_fraction = check_real("top_fraction", top_fraction, low=0.0, high=1.0, low_open=True)
     prompts = validate_prompts(default_universal_prompts() if prompts is None else prompts,
                                "universal prompts")
     _, counts = stats_fn(prompts, desc="universal", top_fraction=top_fraction)

@@ -8,6 +8,7 @@ import torch
 
 import cna_lens
 from cna_lens import NeuronStats
+from cna_lens.loading import mlp_hook_names
 
 MIXED = ["a", "How do I pick a lock? Please explain step by step.", "the fox",
          "What is the capital of France?", "x y z", "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000."]
@@ -35,7 +36,7 @@ def test_batched_equals_single_prompt(arch, load):
 def test_activations_are_the_last_real_token_of_the_cache(llama):
     prompt = "How do I pick a lock?"
     (batch, acts), = list(cna_lens.iter_activations(llama, [prompt], batch_size=1))
-    _, cache = llama.run_with_cache(batch.input_ids, names_filter=cna_lens.mlp_hook_names(llama))
+    _, cache = llama.run_with_cache(batch.input_ids, names_filter=mlp_hook_names(llama))
     for layer in range(llama.cfg.n_layers):
         torch.testing.assert_close(acts[0, layer], cache[f"blocks.{layer}.mlp.hook_post"][0, -1],
                                    atol=0, rtol=0)

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 import cna_lens
+from cna_lens.loading import mlp_hook_names
 
 
 def _per_prompt(model, prompts):
     rows = []
     for p in prompts:
         ids = cna_lens.tokenize_prompts(model, [p], batch_size=1)[0].input_ids
-        _, cache = model.run_with_cache(ids, names_filter=cna_lens.mlp_hook_names(model))
+        _, cache = model.run_with_cache(ids, names_filter=mlp_hook_names(model))
         rows.append(torch.stack([cache[f"blocks.{layer}.mlp.hook_post"][0, -1]
                                  for layer in range(model.cfg.n_layers)]))
     return torch.stack(rows).double()

@@ -27,7 +27,7 @@ def _circuit(model, n: int = 12, seed: int = 0) -> Circuit:
     flat = torch.randperm(n_layers * d_mlp, generator=g)[:n].tolist()
     neurons = tuple(Neuron(i // d_mlp, i % d_mlp, (1.0 if k % 2 else -1.0) * (k + 1))
                     for k, i in enumerate(flat))
-    return Circuit(neurons, n_layers, d_mlp)
+    return Circuit(neurons, n_layers, d_mlp).for_model(model)
 
 
 def _batch(model):
@@ -94,7 +94,7 @@ def test_down_projection_axis_indexes_neurons(load, arch):
 
 def test_bake_scales_exactly_the_circuit_columns(llama):
     circuit = Circuit((Neuron(1, 5, 1.0), Neuron(1, 9, -1.0), Neuron(2, 0, 2.0)),
-                      llama.cfg.n_layers, llama.cfg.d_mlp)
+                      llama.cfg.n_layers, llama.cfg.d_mlp).for_model(llama)
     w = {layer: down_projection(llama, layer)[0].weight.detach().clone() for layer in range(3)}
     with bake(llama, circuit, 2.0, negative_multiplier=0.0):
         now = {layer: down_projection(llama, layer)[0].weight.detach().clone()
@@ -227,3 +227,83 @@ def test_export_refuses_a_file_as_out_dir(llama, tmp_path):
     f.write_text("x")
     with pytest.raises(CNAError, match="not a directory"):
         export_steered(llama, _circuit(llama), 0.0, f)
+
+
+# ---- hardening ---------------------------------------------------------------------------
+
+def _overlapping(model):
+    """Two circuits sharing neuron (1, 5), each with a neuron of its own."""
+    n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
+    a = Circuit((Neuron(1, 5, 1.0), Neuron(0, 3, 1.0)), n_layers, d_mlp).for_model(model)
+    b = Circuit((Neuron(1, 5, 1.0), Neuron(2, 7, 1.0)), n_layers, d_mlp).for_model(model)
+    return a, b
+
+
+def test_out_of_order_restore_of_overlapping_bakes_is_refused(llama):
+    snap = _snapshot(llama)
+    a, b = _overlapping(llama)
+    h1 = bake_(llama, a, 0.0)
+    h2 = bake_(llama, b, 3.0)
+    with pytest.raises(CNAError, match="must be restored in reverse order"):
+        h1.restore()
+    assert not h1.restored
+    h2.restore()
+    h1.restore()
+    _assert_same_weights(llama, snap)
+
+
+def test_disjoint_bakes_restore_in_any_order(llama):
+    snap = _snapshot(llama)
+    h1 = bake_(llama, _circuit(llama, n=1, seed=3), 0.0)
+    h2 = bake_(llama, _circuit(llama, n=1, seed=4), 2.0)
+    assert not h1._overlaps(h2)
+    h1.restore()
+    h2.restore()
+    _assert_same_weights(llama, snap)
+
+
+def test_baked_weights_that_would_overflow_are_refused(llama):
+    snap = _snapshot(llama)
+    circuit = _circuit(llama, n=6)
+    big = max(circuit.neurons, key=lambda n: n.layer)  # a layer baked after others
+    module, axis = down_projection(llama, big.layer)
+    with torch.no_grad():
+        col = module.weight.index_select(axis, torch.tensor([big.neuron])).clone()
+        module.weight.index_fill_(axis, torch.tensor([big.neuron]), 1e38)
+    try:
+        big_snap = _snapshot(llama)
+        with pytest.raises(CNAError, match=r"overflow the model's dtype torch.float32"):
+            bake_(llama, circuit, 10.0)
+        _assert_same_weights(llama, big_snap)  # earlier layers were restored
+    finally:
+        with torch.no_grad():
+            module.weight.index_copy_(axis, torch.tensor([big.neuron]), col)
+    _assert_same_weights(llama, snap)
+    with pytest.raises(CNAError, match="overflows the model's dtype"):
+        bake_(llama, circuit, 1e39)
+
+
+def test_failed_re_export_leaves_the_old_export_intact(llama, tmp_path, monkeypatch):
+    out = export_steered(llama, _circuit(llama, seed=1), 0.0, tmp_path / "steered")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken_save(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(llama.tokenizer), "save_pretrained", broken_save)
+    with pytest.raises(CNAError, match="No space left"):
+        export_steered(llama, _circuit(llama, seed=2), 2.0, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["steered"]  # no temporary left
+    monkeypatch.undo()
+    export_steered(llama, _circuit(llama, seed=2), 2.0, out)
+    record = json.loads((out / "cna_steering.json").read_text())
+    assert record["multiplier"] == 2.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["steered"]
+
+
+def test_export_refuses_a_foreign_non_empty_directory(llama, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CNAError, match="not a previous export"):
+        export_steered(llama, _circuit(llama), 0.0, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -10,6 +10,7 @@ import pytest
 from conftest import NEGATIVE, POSITIVE
 
 import cna_lens
+from cna_lens import CNAError
 from cna_lens.cli import main, read_prompts
 
 
@@ -104,6 +105,73 @@ def test_console_script_installed():
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
     for cmd in ("discover", "generate", "info"):
         assert cmd in out
+
+
+# ---- hardening ---------------------------------------------------------------------------
+
+def test_discover_checks_out_before_any_forward_pass(files, model_dirs, capsys, monkeypatch):
+    tmp, pos, neg = files
+    import cna_lens.discovery
+
+    def no_forward_pass(*args, **kwargs):
+        raise AssertionError("discover ran although --out cannot be written")
+
+    monkeypatch.setattr(cna_lens.discovery, "discover", no_forward_pass)
+    (tmp / "adir").mkdir()
+    (tmp / "afile").write_text("x")
+    for out, match in ((tmp / "adir", "is a directory"),
+                       (tmp / "afile" / "c.json", "is a file, not a directory")):
+        rc = main(["discover", "--model", str(model_dirs["llama"]), "--positive", str(pos),
+                   "--negative", str(neg), "--top-k", "3", "--out", str(out)])
+        assert rc == 2
+        assert match in capsys.readouterr().err
+    assert sorted(p.name for p in tmp.iterdir()) == ["adir", "afile", "neg.json", "pos.txt"]
+
+
+def test_generate_checks_out_first_and_never_loses_results(files, model_dirs, capsys,
+                                                           monkeypatch):
+    tmp, pos, _ = files
+    (tmp / "afile.jsonl").write_text("x")
+    args = ["generate", "--model", str(model_dirs["llama"]), "--prompts", str(pos),
+            "--max-new-tokens", "2"]
+    rc = main(args + ["--out", str(tmp / "afile.jsonl" / "under.jsonl")])
+    assert rc == 2 and "is a file, not a directory" in capsys.readouterr().err
+    # a write that fails after generation: results still reach stdout as JSON lines
+    import cna_lens.io
+
+    def broken(path, text):
+        raise CNAError(f"cannot write {str(path)!r}: No space left on device")
+
+    monkeypatch.setattr(cna_lens.io, "atomic_write_text", broken)
+    rc = main(args + ["--out", str(tmp / "r.jsonl")])
+    captured = capsys.readouterr()
+    assert rc == 2 and "written to stdout as JSON lines" in captured.err
+    rows = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
+    assert [r["prompt"] for r in rows] == POSITIVE
+    assert not (tmp / "r.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("model_args", "match"),
+    [
+        (["--model", "organism:bogus"], "unknown organism kind 'bogus'"),
+        (["--model", ""], "model name is empty"),
+        (["--model", "LLAMA", "--device", "bogus"], "unknown device 'bogus'"),
+        (["--model", "nobody-xyz/not-a-model-9"], "cannot load 'nobody-xyz/not-a-model-9'"),
+    ],
+)
+def test_bad_model_arguments_exit_2_with_a_message(model_args, match, model_dirs, capsys):
+    model_args = [str(model_dirs["llama"]) if a == "LLAMA" else a for a in model_args]
+    rc = main(["info", *model_args])
+    assert rc == 2
+    assert match in capsys.readouterr().err
+
+
+def test_a_directory_as_circuit_file_is_named_as_such(files, model_dirs, capsys):
+    tmp, pos, _ = files
+    rc = main(["generate", "--model", str(model_dirs["llama"]), "--prompts", str(pos),
+               "--circuit", str(tmp)])
+    assert rc == 2 and "is a directory" in capsys.readouterr().err
 
 
 def test_discover_score_and_generate_intervention_sign(files, model_dirs, llama):

@@ -158,3 +158,9 @@ def test_cli_sweep_writes_its_files(tmp_path, model_dirs, capsys):
                "--prompts-benign", str(files["ben"]), "--fractions", "0.01,0.005",
                "--out", str(tmp_path / "bad")])
     assert rc == 2 and "sorted ascending" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    rc = main(["sweep", "--model", str(model_dirs["llama"]), "--positive", str(files["pos"]),
+               "--negative", str(files["neg"]), "--prompts-harmful", str(files["harm"]),
+               "--prompts-benign", str(files["ben"]), "--out", str(tmp_path / "afile")])
+    assert rc == 2 and "is an existing file" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "x"

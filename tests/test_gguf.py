@@ -16,7 +16,13 @@ import cna_lens
 from cna_lens import CNAError, steer
 from cna_lens.baking import export_steered
 from cna_lens.gguf import convert_to_hf
-from cna_lens.loading import is_chat_model, model_fingerprint, model_id, tokenize_prompts
+from cna_lens.loading import (
+    format_prompt,
+    is_chat_model,
+    model_fingerprint,
+    model_id,
+    tokenize_prompts,
+)
 from cna_lens.testing import GGUF_ARCHITECTURES, write_gguf
 
 TOL = 1e-5
@@ -242,7 +248,7 @@ def test_gguf_without_chat_template_warns_and_uses_raw_text(model_dirs, tmp_path
         model = cna_lens.load_model(path, device="cpu")
     assert any("base.gguf" in r.message and "raw text" in r.message for r in caplog.records)
     assert not is_chat_model(model)
-    assert cna_lens.format_prompt(model, "hello") == "hello"
+    assert format_prompt(model, "hello") == "hello"
 
 
 # --- steering and export on a GGUF-loaded model -------------------------------------------

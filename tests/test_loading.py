@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import cna_lens
 from cna_lens import CNAError
+from cna_lens.loading import format_prompt, mlp_hook_names, model_source
 from cna_lens.testing import ARCHITECTURES
 
 PROMPTS = ["How do I pick a lock?", "Write a poem about the ocean and the moon, please."]
@@ -43,7 +44,7 @@ def test_hook_post_equals_hf_down_projection_input(arch, compat, model_dirs):
     finally:
         for h in handles:
             h.remove()
-    names = cna_lens.mlp_hook_names(model)
+    names = mlp_hook_names(model)
     with torch.no_grad():
         _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
                                         names_filter=names)
@@ -59,10 +60,10 @@ def test_chat_model_detected_from_template_not_name(model_dirs, base_model_dir):
     chat = cna_lens.load_model(model_dirs["llama"], device="cpu")
     base = cna_lens.load_model(base_model_dir, device="cpu")
     assert cna_lens.is_chat_model(chat) and not cna_lens.is_chat_model(base)
-    assert "<|assistant|>" in cna_lens.format_prompt(chat, "hi")
-    assert cna_lens.format_prompt(base, "hi") == "hi"
+    assert "<|assistant|>" in format_prompt(chat, "hi")
+    assert format_prompt(base, "hi") == "hi"
     forced = cna_lens.load_model(model_dirs["llama"], device="cpu", chat=False)
-    assert cna_lens.format_prompt(forced, "hi") == "hi"
+    assert format_prompt(forced, "hi") == "hi"
 
 
 @pytest.mark.parametrize("which", ["chat", "base"])
@@ -128,7 +129,7 @@ def test_model_without_mlp_hook_post_is_refused():
         hook_dict = {"blocks.0.attn.hook_z": None, "blocks.1.attn.hook_z": None}
 
     with pytest.raises(CNAError, match="hook_post"):
-        cna_lens.mlp_hook_names(NoMLP())
+        mlp_hook_names(NoMLP())
 
 
 def test_fingerprint_depends_on_shape_not_weights(tmp_path, model_dirs):
@@ -139,3 +140,44 @@ def test_fingerprint_depends_on_shape_not_weights(tmp_path, model_dirs):
     wider = cna_lens.load_model(make_random_model_dir(tmp_path / "w", d_mlp=256), device="cpu")
     assert cna_lens.model_fingerprint(a) == cna_lens.model_fingerprint(same_shape)
     assert cna_lens.model_fingerprint(a) != cna_lens.model_fingerprint(wider)
+
+
+# ---- hardening ---------------------------------------------------------------------------
+
+def test_no_attributes_are_patched_onto_the_model(model_dirs):
+    model = cna_lens.load_model(model_dirs["llama"], device="cpu", chat=False)
+    assert not any(name.startswith("_cna") for name in vars(model))
+    assert cna_lens.model_id(model) == "llama"  # portable: the directory's name
+    assert model_source(model) == str(model_dirs["llama"].resolve())
+    assert cna_lens.is_chat_model(model) is False
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"name_or_path": ""}, "model name is empty"),
+        ({"name_or_path": "   "}, "model name is empty"),
+        ({"device": "bogus"}, "unknown device 'bogus'"),
+        ({"name_or_path": "nobody-xyz/not-a-model-9"},
+         r"cannot load 'nobody-xyz/not-a-model-9' as a hub model"),
+    ],
+)
+def test_load_model_errors_are_cna_errors(model_dirs, kwargs, match):
+    kwargs = {"name_or_path": model_dirs["llama"], "device": "cpu", **kwargs}
+    with pytest.raises(CNAError, match=match) as info:
+        cna_lens.load_model(**kwargs)
+    if "cannot load" in match:
+        assert isinstance(info.value.__cause__, OSError)  # the cause is chained
+
+
+def test_too_long_prompt_names_its_set(llama):
+    long = "word " * (int(llama.cfg.n_ctx) + 10)
+    with pytest.raises(CNAError, match=r"negative prompts\[1\] is \d+ tokens"):
+        cna_lens.discover(llama, ["a"], ["b", long], top_k=1, universal_filter=False)
+
+
+def test_lone_surrogate_is_refused_before_the_tokenizer():
+    from cna_lens.loading import validate_prompts
+
+    with pytest.raises(CNAError, match=r"positive\[0\] is not valid Unicode"):
+        validate_prompts(["x\udc80y"], "positive")

@@ -64,7 +64,7 @@ def test_smollm2_steering_at_one_is_bit_identical(smollm2):
         ),
         30,
         d_mlp,
-    )
+    ).for_model(smollm2)
     batch = tokenize_prompts(smollm2, ["What is the capital of France?", "Hi"], batch_size=2)[0]
     with torch.no_grad():
         plain = smollm2(batch.input_ids, attention_mask=batch.attention_mask)

@@ -3,6 +3,11 @@ come off, bad input is refused."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import threading
+
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -21,7 +26,7 @@ def _n_hooks(model) -> int:
 
 def _circuit(model, pairs_deltas) -> Circuit:
     return Circuit(tuple(Neuron(layer, j, d) for layer, j, d in pairs_deltas),
-                   int(model.cfg.n_layers), int(model.cfg.d_mlp))
+                   int(model.cfg.n_layers), int(model.cfg.d_mlp)).for_model(model)
 
 
 def _logits(model, batch):
@@ -249,3 +254,138 @@ def test_generation_length_checked(llama):
         cna_lens.generate(llama, ["x"], max_new_tokens=0)
     with pytest.raises(CNAError, match="longer than the model's context"):
         cna_lens.generate(llama, ["x"], max_new_tokens=llama.cfg.n_ctx)
+
+
+# ---- hardening ---------------------------------------------------------------------------
+
+THREE = ["How do I pick a lock?", "Write a poem about the ocean.", "What is 2 + 2?"]
+
+
+@pytest.mark.parametrize("positions", ["generated", "prompt"])
+def test_generate_inside_a_user_context_is_correct_for_every_batch(llama, circuit, positions):
+    kw = dict(max_new_tokens=8, batch_size=1)
+    m = -40.0  # strong enough to change every greedy continuation of the tiny model
+    with steer(llama, circuit, m, positions=positions):
+        together = cna_lens.generate_token_ids(llama, THREE, **kw)
+        again = cna_lens.generate_token_ids(llama, THREE, **kw)  # the context is reusable
+    separate = []
+    for p in THREE:
+        with steer(llama, circuit, m, positions=positions):
+            separate += cna_lens.generate_token_ids(llama, [p], **kw)
+    with steer(llama, circuit, m, positions="all"):
+        everywhere = cna_lens.generate_token_ids(llama, THREE, **kw)
+    plain = cna_lens.generate_token_ids(llama, THREE, **kw)
+    # the test can tell the modes apart: steering only part of the positions differs from
+    # steering all of them and from none, for every prompt
+    assert all(s != e and s != u for s, e, u in zip(separate, everywhere, plain, strict=True))
+    assert together == separate and again == separate
+    assert _n_hooks(llama) == 0
+
+
+def test_numpy_numbers_are_accepted(llama, circuit):
+    batch = cna_lens.tokenize_prompts(llama, PROMPTS, batch_size=np.int64(2))[0]
+    with steer(llama, circuit, 0.0):
+        expected = _logits(llama, batch)
+    with steer(llama, circuit, np.float32(0), negative_multiplier=np.float64(0.0)):
+        assert torch.equal(_logits(llama, batch), expected)
+    kw = dict(circuit=circuit, max_new_tokens=3)
+    assert cna_lens.generate_token_ids(llama, PROMPTS, multiplier=np.float32(0),
+                                       batch_size=np.int64(2), **kw) == \
+        cna_lens.generate_token_ids(llama, PROMPTS, multiplier=0.0, batch_size=2, **kw)
+
+
+def test_multiplier_that_overflows_the_dtype_is_refused(llama, circuit):
+    with pytest.raises(CNAError, match=r"multiplier=1e\+39 overflows the model's dtype "
+                                       r"torch.float32 \(largest finite value 3.40282e\+38\)"):
+        with steer(llama, circuit, 1e39):
+            pass
+    with pytest.raises(CNAError, match="overflows the model's dtype"):
+        cna_lens.generate(llama, PROMPTS, circuit=circuit, multiplier=-1e39, max_new_tokens=1)
+    from cna_lens.steering import SteeringConfig, check_fits_dtype
+
+    with pytest.raises(CNAError, match=r"torch.float16 \(largest finite value 65504\)"):
+        check_fits_dtype(SteeringConfig(multiplier=1e5), torch.float16)
+    check_fits_dtype(SteeringConfig(multiplier=6e4), torch.float16)
+    assert _n_hooks(llama) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"circuit": "c.json"}, "circuit must be a cna_lens Circuit"),
+        ({"top_p": 2.0, "do_sample": True}, r"top_p must be in \(0, 1\]"),
+        ({"temperature": 0.0, "do_sample": True}, "temperature must be > 0"),
+        ({"temperature": float("nan"), "do_sample": True}, "temperature must be > 0"),
+        ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+    ],
+)
+def test_bad_generate_arguments_are_refused(llama, kwargs, match):
+    from cna_lens import steering
+
+    # unwrapped: the library's own checks, as users run it (without the test suite's
+    # runtime type checker, which would refuse some of these first with a TypeError)
+    raw_generate = inspect.unwrap(steering.generate_token_ids)
+    with pytest.raises(CNAError, match=match):
+        raw_generate(llama, PROMPTS, **{"max_new_tokens": 2, **kwargs})
+    assert _n_hooks(llama) == 0
+
+
+def test_bad_steer_arguments_are_refused(llama, circuit):
+    from cna_lens import steering
+
+    raw_steer = inspect.unwrap(steering.steer)  # the library's own checks, as users run it
+    raw_generate = inspect.unwrap(steering.generate_token_ids)
+    with pytest.raises(CNAError, match=r"circuit must be a cna_lens Circuit .*, got NoneType"):
+        with contextlib.contextmanager(raw_steer)(llama, None, 0.0):
+            pass
+    for bad in ("5", -3, 0):
+        with pytest.raises(CNAError, match="prompt_length must be a positive integer"):
+            with contextlib.contextmanager(raw_steer)(llama, circuit, 0.0, prompt_length=bad):
+                pass
+    with pytest.raises(CNAError, match="seed must be a non-negative integer"):
+        raw_generate(llama, PROMPTS, seed="x", max_new_tokens=1)
+    with pytest.raises(CNAError, match=r"prompts\[1\] is not valid Unicode"):
+        cna_lens.generate(llama, ["ok", "bad \ud800 text"], max_new_tokens=1)
+    assert _n_hooks(llama) == 0
+
+
+def test_steering_from_two_threads_is_refused(llama, circuit):
+    inside, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def hold_a_context() -> None:
+        with steer(llama, circuit, 0.0):
+            inside.set()
+            release.wait(30)
+
+    def other(fn) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    a = threading.Thread(target=hold_a_context)
+    a.start()
+    assert inside.wait(30)
+    try:
+        for fn in (lambda: steer(llama, circuit, 2.0).__enter__(),
+                   lambda: cna_lens.generate(llama, PROMPTS, max_new_tokens=1),
+                   lambda: cna_lens.bake(llama, circuit, 2.0).__enter__()):
+            t = threading.Thread(target=other, args=(fn,))
+            t.start()
+            t.join(30)
+    finally:
+        release.set()
+        a.join(30)
+    assert len(errors) == 3
+    for exc in errors:
+        assert isinstance(exc, CNAError)
+        assert "not thread-safe" in str(exc) and "one model per thread" in str(exc)
+    assert _n_hooks(llama) == 0
+    # once the first thread has left, another thread may steer
+    t = threading.Thread(target=other, args=(lambda: cna_lens.generate(
+        llama, PROMPTS, circuit=circuit, multiplier=0.0, max_new_tokens=1),))
+    t.start()
+    t.join(60)
+    assert len(errors) == 3

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import cna_lens
-from cna_lens import circuit_from_attribution, universal_from_counts
+from cna_lens import circuit_from_attribution
+from cna_lens.universal import universal_from_counts
 
 
 def test_threshold_flags_exactly_the_frequent_neurons():

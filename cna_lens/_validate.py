@@ -1,0 +1,89 @@
+"""Argument checks shared by every module: integers and real numbers of any numeric type.
+
+NumPy scalars (``np.int64(3)``, ``np.float32(0.05)``) and other :mod:`numbers` types are
+accepted; ``bool`` is not a number here. Each check returns a plain ``int`` / ``float`` and
+raises :class:`~cna_lens.errors.CNAError` naming the argument and the valid range.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, TypeAlias
+
+from cna_lens.errors import CNAError
+
+__all__ = ["Integral", "Real", "check_int", "check_real"]
+
+Real: TypeAlias = float | numbers.Real
+"""Annotation of a real-number argument: a float, or any numbers.Real such as np.float32
+(checked and converted by :func:`check_real`)."""
+
+Integral: TypeAlias = int | numbers.Integral
+"""Annotation of an integer argument: an int, or any numbers.Integral such as np.int64
+(checked and converted by :func:`check_int`)."""
+
+
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if low is None and high is None:
+        return ""
+    if high is None:
+        return f" {'>' if low_open else '>='} {low:g}"
+    if low is None:
+        return f" {'<' if high_open else '<='} {high:g}"
+    return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def _int_text(low: int | None, high: int | None) -> str:
+    if high is None and low == 1:
+        return "a positive integer"
+    if high is None and low == 0:
+        return "a non-negative integer"
+    return "an integer" + _range_text(low, high, False, False)
+
+
+def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an ``int`` (any :class:`numbers.Integral` but bool) in ``[low, high]``.
+
+    Raises:
+        CNAError: not an integer, or out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise CNAError(f"{name} must be {_int_text(low, high)}, got {value!r} "
+                       f"({type(value).__name__})")
+    result = int(value)
+    if (low is not None and result < low) or (high is not None and result > high):
+        raise CNAError(f"{name} must be {_int_text(low, high)}, got {result}")
+    return result
+
+
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """``value`` as a finite ``float`` (any :class:`numbers.Real` but bool) within the bounds.
+
+    Raises:
+        CNAError: not a real number, NaN or infinite, or out of range.
+    """
+    bounds = _range_text(low, high, low_open, high_open)
+    what = f"{name} must be{bounds} (a finite real number)" if bounds else (
+        f"{name} must be finite (a real number)")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise CNAError(f"{what}, got {value!r} ({type(value).__name__})")
+    try:
+        result = float(value)
+    except OverflowError:  # a huge int
+        raise CNAError(f"{what}, got {value!r}") from None
+    if not math.isfinite(result):
+        raise CNAError(f"{what}, got {result!r}")
+    if low is not None and (result <= low if low_open else result < low):
+        raise CNAError(f"{what}, got {result!r}")
+    if high is not None and (result >= high if high_open else result > high):
+        raise CNAError(f"{what}, got {result!r}")
+    return result
