@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from cna_lens.discovery import DiscoveryConfig
 from cna_lens.errors import CNAError
 from cna_lens.evaluation import CAA_ALPHAS, CNA_MULTIPLIERS
+from cna_lens.io import atomic_write_text, check_out_dir
 from cna_lens.summary import (
     BaseResult,
     CAAResult,
@@ -103,6 +104,8 @@ class ReproduceConfig:
         threads: CPU threads for torch (None: 1 thread for models under 100M parameters,
             torch's default otherwise). Restored afterwards.
         png: Try PNG export of the figures.
+        overwrite: Write into a non-empty ``out`` that is not a previous reproduce output
+            (refused by default, before any model is loaded).
     """
 
     model: str | None = None
@@ -127,6 +130,7 @@ class ReproduceConfig:
     device: str | None = None
     threads: int | None = None
     png: bool = True
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         for name in ("multipliers", "caa_alphas"):
@@ -722,6 +726,8 @@ def reproduce(
 
     cfg = config or ReproduceConfig()
     t0 = time.perf_counter()
+    if write:
+        check_out_dir(Path(cfg.out), overwrite=cfg.overwrite)
     instruct_path, base_path = resolve_models(cfg)
     inputs = load_inputs(cfg)
     dcfg = discovery_config(cfg, inputs)
@@ -797,7 +803,7 @@ def reproduce(
         meta["stage_seconds"] = dict(stages.seconds)
         if write:
             path = Path(cfg.out) / "summary.json"
-            path.write_text(json.dumps(summary.to_dict(), indent=1) + "\n", encoding="utf-8")
+            atomic_write_text(path, json.dumps(summary.to_dict(), indent=1) + "\n")
             files["summary.json"] = path
     finally:
         stages.close()
@@ -837,7 +843,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     explicit = {
         "model": args.model, "base_model": args.base_model, "prompts": args.prompts,
         "out": args.out, "device": args.device, "png": not args.no_png, "seed": args.seed,
-        "threads": args.threads,
+        "threads": args.threads, "overwrite": args.overwrite,
     }
     for key in ("multipliers", "caa_alphas", "caa_layers", "n_eval", "n_discovery",
                 "n_capability", "n_bootstrap", "max_new_tokens", "batch_size", "top_k",
@@ -899,4 +905,6 @@ def register(subparsers: Any, handlers: dict[str, Callable[..., int]]) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for models under 100M parameters)")
     p.add_argument("--no-png", action="store_true", help="write HTML figures only")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out that is not a previous reproduce output")
     handlers["reproduce"] = _cmd_reproduce

@@ -175,3 +175,17 @@ def test_bad_organism_kind_and_summary_errors():
         resolve_models(ReproduceConfig(model="organism:bogus"))
     with pytest.raises(CNAError, match="no 'instruct' section"):
         Summary.from_dict({"caa": {}})
+
+
+def test_reproduce_refuses_a_foreign_non_empty_out_dir_before_loading(tmp_path, model_dirs):
+    from cna_lens.reproduce import reproduce
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my own file")
+    cfg = ReproduceConfig(model=str(model_dirs["llama"]), out=str(out), device="cpu")
+    with pytest.raises(CNAError, match="not a previous cna_lens output"):
+        reproduce(cfg)
+    assert (out / "notes.txt").read_text() == "my own file" and len(list(out.iterdir())) == 1
+    code = main(["reproduce", "--model", "organism:bogus", "--out", str(tmp_path / "o")])
+    assert code == 2
