@@ -633,6 +633,14 @@ def format_summary(summary: Summary | Mapping[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- writing
+def _save_table(out: Path, name: str, df: pd.DataFrame) -> Path:
+    """``out/name.jsonl``, one generation per line (any generated text round-trips)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.jsonl"
+    atomic_write_text(path, df.to_json(orient="records", lines=True, force_ascii=False))
+    return path
+
+
 def write_outputs(out: Path, summary: Summary, figs: Mapping[str, Any],
                   tables: Mapping[str, pd.DataFrame], circuits: Mapping[str, Any],
                   cards: Sequence[Any], png: bool) -> tuple[dict[str, Path], str | None]:
@@ -649,9 +657,7 @@ def write_outputs(out: Path, summary: Summary, figs: Mapping[str, Any],
     files.update({f"{k}.html": v for k, v in saved.html.items()})
     files.update({f"{k}.png": v for k, v in saved.png.items()})
     for name, df in tables.items():
-        path = out / f"{name}.jsonl"  # JSON lines: any generated text round-trips
-        df.to_json(path, orient="records", lines=True, force_ascii=False)
-        files[path.name] = path
+        files[f"{name}.jsonl"] = _save_table(out, name, df)
     for name, c in circuits.items():
         files[f"circuit_{name}.json"] = c.save(out / f"circuit_{name}.json")
     files["report.html"] = write_report(
@@ -755,6 +761,8 @@ def reproduce(
         inst_results = sweep_instruct_stage(model, inputs, inst, caa, caa_layers, cfg,
                                             judge=judge,
                                             on_condition=stages.condition("sweep instruct"))
+        if write:  # keep the expensive generations even if a later stage fails
+            _save_table(Path(cfg.out), "sweep_instruct", inst_results)
         stages.start("neuron cards")
         cards = cards_stage(model, inputs, inst, cfg) if write else []
         n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
