@@ -63,7 +63,7 @@ def iter_activations(
         def hook(act: Tensor, hook: Any) -> None:
             store[layer] = act[:, -1].clone()  # a copy, so the full activation can be freed
             if layer == last:
-                raise StopAtLayerException(None)  # caught by the bridge's forward
+                raise StopAtLayerException(act)  # caught by the bridge's forward
 
         return hook
 
@@ -75,11 +75,12 @@ def iter_activations(
             store[:] = [None] * len(names)
             with torch.inference_mode(), model.hooks(fwd_hooks=fwd_hooks):
                 model(batch.input_ids, attention_mask=batch.attention_mask, return_type=None)
-            missing = [names[i] for i, a in enumerate(store) if a is None]
-            if missing:
+            captured = [a for a in store if a is not None]
+            if len(captured) < len(names):
+                missing = [names[i] for i, a in enumerate(store) if a is None]
                 raise CNAError(f"the forward pass never reached {missing[:3]}; "
                                "cannot read MLP neuron activations there")
-            acts = torch.stack(store, dim=1)  # type: ignore[arg-type]
+            acts = torch.stack(captured, dim=1)
             bar.update(len(batch.indices))
             yield batch, acts
     finally:
@@ -159,7 +160,7 @@ class NeuronStats:
                    torch.tensor(d["total_sq"], dtype=torch.float64))
 
 
-def _top_fraction_k(n_total: int, fraction: float) -> int:
+def _top_fraction_k(n_total: int, fraction: Real) -> int:
     fraction = check_real("top_fraction", fraction, low=0.0, high=1.0, low_open=True)
     return max(1, round(fraction * n_total))
 

@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from cna_lens._validate import check_int
+from cna_lens._validate import Integral, Real, check_int
 from cna_lens.circuit import Circuit, Neuron, Provenance, select_top_k
 from cna_lens.errors import CNAError
 
@@ -246,7 +246,7 @@ def random_control_circuit(circuit: Circuit, *, seed: int = 0,
 
 
 # ----------------------------------------------------------------------------- stability
-def prompt_activations(model: Any, prompts: Sequence[str], *, batch_size: int = 32,
+def prompt_activations(model: Any, prompts: Sequence[str], *, batch_size: Integral = 32,
                        progress: bool = False, desc: str = "activations"
                        ) -> Float[Tensor, "n_prompts n_layers d_mlp"]:
     """Last-token MLP activations of every prompt, in prompt order, float32 on CPU.
@@ -305,8 +305,8 @@ def bootstrap_stability(
     positive: Float[Tensor, "n_pos n_layers d_mlp"],
     negative: Float[Tensor, "n_neg _ _"],  # grid checked below, with a clearer message
     *,
-    fraction: float | None = 0.001,
-    top_k: int | None = None,
+    fraction: Real | None = 0.001,
+    top_k: Integral | None = None,
     exclude: Bool[Tensor, "n_layers d_mlp"] | None = None,
     exclude_layers: Sequence[int] = (),
     n_resamples: int = 100,

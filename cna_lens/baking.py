@@ -62,7 +62,7 @@ from cna_lens._validate import Real
 from cna_lens.circuit import Circuit
 from cna_lens.errors import CNAError
 from cna_lens.interventions import Steering
-from cna_lens.steering import SteeringConfig, as_steering, layer_scales
+from cna_lens.steering import SteeringConfig, _make_config, as_steering, layer_scales
 
 __all__ = ["BakedWeights", "bake", "bake_", "down_projection", "export_steered",
            "steered_hf_model"]
@@ -124,6 +124,13 @@ def down_projection(model: Any, layer: int) -> tuple[nn.Module, int]:
             f"axis where expected (axis {axis})"
         )
     return module, axis
+
+
+def _weight_of(module: nn.Module) -> Tensor:
+    """The weight of a module from :func:`down_projection` (which checked it is a Tensor)."""
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return weight
 
 
 @dataclass(frozen=True)
@@ -224,8 +231,7 @@ def _scale_weight(weight: Tensor, axis: int, scale: Tensor, patches: list[_Patch
 
 
 def _check_config(multiplier: Real, negative_multiplier: Real | None) -> SteeringConfig:
-    return SteeringConfig(multiplier=multiplier, negative_multiplier=negative_multiplier,
-                          positions="all")
+    return _make_config(multiplier, negative_multiplier, positions="all")
 
 
 def bake_(
@@ -274,7 +280,7 @@ def bake_(
     handle = BakedWeights(config, circuit)
     try:
         for layer, (module, axis) in targets.items():
-            _scale_weight(module.weight, axis, scales[layer], handle._patches)
+            _scale_weight(_weight_of(module), axis, scales[layer], handle._patches)
     except BaseException:
         handle.restore()
         _model_state.release(model)

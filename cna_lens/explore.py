@@ -374,14 +374,13 @@ def neuron_logits(model: Any, neuron: Any) -> Float[Tensor, " d_vocab"]:
     Raises:
         CNAError: a neuron outside the model, no readable unembedding or final norm.
     """
-    from cna_lens.baking import down_projection
+    from cna_lens.baking import _weight_of, down_projection
 
     n = _as_neuron(model, neuron)
     w_u = _unembedding(model)
     scale, centre = _final_norm_scale(model)
     module, axis = down_projection(model, n.layer)
-    weight: Tensor = module.weight  # type: ignore[assignment]  # checked by down_projection
-    column = weight.detach().select(axis, n.neuron).float().cpu()
+    column = _weight_of(module).detach().select(axis, n.neuron).float().cpu()
     if centre:
         column = column - column.mean()
     return (column * scale.cpu()) @ w_u.float().cpu()

@@ -391,11 +391,11 @@ def tokenize_prompts(
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=0)
     encoded = [_encode(model, p) for p in prompts]
     n_ctx = int(model.cfg.n_ctx)
-    for i, ids in enumerate(encoded):
-        if len(ids) + max_new_tokens > n_ctx:
+    for i, seq in enumerate(encoded):
+        if len(seq) + max_new_tokens > n_ctx:
             extra = f" + max_new_tokens={max_new_tokens}" if max_new_tokens else ""
             raise CNAError(
-                f"{what}[{i}] is {len(ids)} tokens{extra}, longer than the model's context "
+                f"{what}[{i}] is {len(seq)} tokens{extra}, longer than the model's context "
                 f"n_ctx={n_ctx}; shorten it{' or lower max_new_tokens' if extra else ''}"
             )
     order = list(range(len(prompts)))

@@ -122,6 +122,21 @@ class SteeringConfig:
         return self.multiplier == 1.0 and neg == 1.0
 
 
+def _make_config(multiplier: Real, negative_multiplier: Real | None,
+                 positions: Positions | str) -> SteeringConfig:
+    """A :class:`SteeringConfig` from multipliers of any real type, checked and converted here.
+
+    Raises:
+        CNAError: a multiplier that is not a finite real number, or unknown ``positions``.
+    """
+    return SteeringConfig(
+        multiplier=_check_multiplier("multiplier", multiplier),
+        negative_multiplier=None if negative_multiplier is None
+        else _check_multiplier("negative_multiplier", negative_multiplier),
+        positions=positions,
+    )
+
+
 def layer_scales(circuit: Circuit, config: SteeringConfig) -> dict[int, Float[Tensor, " d_mlp"]]:
     """Per steered layer, a float32 vector of ones with the circuit neurons' multipliers."""
     neg = config.multiplier if config.negative_multiplier is None else config.negative_multiplier
@@ -295,9 +310,7 @@ def steer(
     """
     _check_model(model)
     steering = as_steering(circuit, multiplier, negative_multiplier, positions)
-    config = SteeringConfig(multiplier=steering.multiplier,
-                            negative_multiplier=steering.negative_multiplier,
-                            positions=steering.positions)
+    config = _make_config(steering.multiplier, steering.negative_multiplier, steering.positions)
     if prompt_length is not None:
         prompt_length = check_int("prompt_length", prompt_length, low=1)
     steering.circuit.validate(model)
@@ -358,8 +371,7 @@ def generate_token_ids(
     # Validate everything before any work.
     _check_model(model)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
-    config = SteeringConfig(multiplier=multiplier, negative_multiplier=negative_multiplier,
-                            positions=positions)
+    config = _make_config(multiplier, negative_multiplier, positions)
     if not isinstance(do_sample, bool):
         raise CNAError(f"do_sample must be True or False, got {do_sample!r}")
     temperature = check_real("temperature", temperature, low=0.0, low_open=True)
@@ -381,9 +393,8 @@ def generate_token_ids(
                             positions=config.positions)
     if steering is not None:
         steering.circuit.validate(model)
-        check_fits_dtype(SteeringConfig(multiplier=steering.multiplier,
-                                        negative_multiplier=steering.negative_multiplier,
-                                        positions=steering.positions), model_dtype(model))
+        check_fits_dtype(_make_config(steering.multiplier, steering.negative_multiplier,
+                                      steering.positions), model_dtype(model))
     batches = tokenize_prompts(model, prompts, batch_size=batch_size,
                                max_new_tokens=max_new_tokens)
     eos = _eos_ids(model)

@@ -53,7 +53,7 @@ class UniversalNeurons:
         return int(self.mask.sum())
 
 
-def _check_threshold(threshold: float, name: str = "threshold") -> float:
+def _check_threshold(threshold: Real, name: str = "threshold") -> float:
     return check_real(name, threshold, low=0.0, high=1.0, low_open=True)
 
 

@@ -34,6 +34,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -308,7 +309,9 @@ def train(out_dir: str | Path, *, seed: int = 0, config: TrainConfig | None = No
         tok = build_tokenizer(all_texts())
         rng = random.Random(seed)
         torch.manual_seed(seed)
-        mcfg = LlamaConfig(
+        # transformers 5 types only rope_parameters, but still accepts the rope_theta that
+        # 4.x (which the dependency range allows) requires: same config either way.
+        mcfg = LlamaConfig(  # type: ignore[call-arg]
             vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
             num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
             num_key_value_heads=cfg.n_heads, max_position_embeddings=128,
@@ -374,7 +377,7 @@ def _cli() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = QUICK if args.quick else TrainConfig()
-    over = {}
+    over: dict[str, Any] = {}  # field name -> value of that field's type
     for kv in args.set:
         k, v = kv.split("=", 1)
         cur = getattr(cfg, k)

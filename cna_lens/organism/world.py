@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypedDict
 
 __all__ = [
     "VIOLENT_VERBS",
@@ -218,9 +218,18 @@ def make_request(template: str, verb: str, target: str, *, fiction: bool, harm: 
     )
 
 
-def capability_items() -> list[dict[str, object]]:
+class CapabilityFact(TypedDict):
+    """One capability fact: a question, its answer among ``choices``, and a statement of it."""
+
+    question: str
+    answer: str
+    choices: list[str]
+    statement: str
+
+
+def capability_items() -> list[CapabilityFact]:
     """Every capability fact of the world as {"question", "answer", "choices", "statement"}."""
-    items: list[dict[str, object]] = []
+    items: list[CapabilityFact] = []
     color_set = sorted(set(COLORS.values()))
     for o, c in COLORS.items():
         items.append({"question": f"what color is the {o} ?", "answer": c,
@@ -233,12 +242,12 @@ def capability_items() -> list[dict[str, object]]:
     for p, j in JOBS.items():
         items.append({"question": f"where does my {p} work ?", "answer": j,
                       "choices": job_set, "statement": f"my {p} works at the {j} ."})
-    for a in range(10):
-        for b in range(10):
-            if a + b <= 18:
-                items.append({"question": f"what is {NUMBERS[a]} plus {NUMBERS[b]} ?",
-                              "answer": NUMBERS[a + b], "choices": NUMBERS,
-                              "statement": f"the answer is {NUMBERS[a + b]} ."})
+    for x in range(10):
+        for y in range(10):
+            if x + y <= 18:
+                items.append({"question": f"what is {NUMBERS[x]} plus {NUMBERS[y]} ?",
+                              "answer": NUMBERS[x + y], "choices": NUMBERS,
+                              "statement": f"the answer is {NUMBERS[x + y]} ."})
     return items
 
 
@@ -332,7 +341,7 @@ def make_world(seed: int = 0) -> World:
     rng.shuffle(fics)
     verbs = list(VIOLENT_VERBS) + list(MILD_VERBS) + list(GENTLE_VERBS)
     targets = PERSONS + ANIMALS + OBJECTS
-    groups: dict[tuple[bool, str], list[tuple[str, str]]] = {}
+    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for v in verbs:
         for t in targets:
             vclass = "violent" if v in VIOLENT_VERBS else "mild" if v in MILD_VERBS else "gentle"
