@@ -48,6 +48,7 @@ import copy
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,7 +58,7 @@ from cna_lens.errors import CNAError
 from cna_lens.interventions import Steering
 from cna_lens.loading import PromptList, _pad_id, tokenize_prompts
 
-__all__ = ["FastGenerator"]
+__all__ = ["Condition", "FastGenerator"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,26 +131,65 @@ def _check_tokens(max_new_tokens: Any) -> int:
     return max_new_tokens
 
 
-class _PreHook:
-    """Forward pre-hook applying a ``steering._LayerHook`` to the module's first input."""
+class _Groups:
+    """Row ranges of each condition in the current batch (updated when rows are dropped)."""
 
-    def __init__(self, hook: Any):
-        self.hook = hook
+    def __init__(self, sizes: list[int]):
+        self.set(sizes)
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (self.hook(args[0], None), *args[1:])
+    def set(self, sizes: list[int]) -> None:
+        bounds, start = [], 0
+        for size in sizes:
+            bounds.append((start, start + size))
+            start += size
+        self.bounds = bounds
 
 
-class _PostHook:
-    """Forward hook applying ``caa._AddHook`` to a decoder layer's hidden-state output."""
+class _GroupHook:
+    """Applies each condition's op to its own rows (elementwise ops, so a row's values are
+    those of a batch of that condition alone); ``post`` hooks read a layer's output."""
 
-    def __init__(self, add: Any):
-        self.add = add
+    def __init__(self, groups: _Groups, ops: dict[int, Any], post: bool):
+        self.groups = groups
+        self.ops = ops
+        self.post = post
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+    def _apply(self, act: Tensor) -> Tensor:
+        parts = []
+        for cond, (a, b) in enumerate(self.groups.bounds):
+            if a == b:
+                continue
+            op = self.ops.get(cond)
+            parts.append(act[a:b] if op is None else op(act[a:b], None))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any = None) -> Any:
+        if not self.post:
+            return (self._apply(args[0]), *args[1:])
         if isinstance(output, tuple):
-            return (self.add(output[0], None), *output[1:])
-        return self.add(output, None)
+            return (self._apply(output[0]), *output[1:])
+        return self._apply(output)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One steering condition of :meth:`FastGenerator.generate_many`.
+
+    Attributes:
+        steering: Circuit steering (any intervention, sign, positions), or None.
+        caa_alpha: CAA strength (with the generator call's ``caa`` vectors; 0: none).
+    """
+
+    steering: Steering | None = None
+    caa_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.steering is not None and not isinstance(self.steering, Steering):
+            raise CNAError(f"steering must be a Steering or None, got "
+                           f"{type(self.steering).__name__}")
+        a = self.caa_alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+            raise CNAError(f"caa_alpha must be a finite number, got {a!r}")
 
 
 class FastGenerator:
@@ -261,11 +301,50 @@ class FastGenerator:
             CNAError: bad prompts, lengths, steering or CAA arguments, or a closed generator.
             CircuitMismatchError: the circuit belongs to another model.
         """
-        ids = self.generate_token_ids(prompts, steering, caa=caa, caa_alpha=caa_alpha,
-                                      caa_layers=caa_layers, max_new_tokens=max_new_tokens,
-                                      batch_size=batch_size)
+        return self.generate_many(prompts, [Condition(steering, caa_alpha)], caa=caa,
+                                  caa_layers=caa_layers, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size)[0]
+
+    def generate_many(
+        self,
+        prompts: PromptList,
+        conditions: Sequence[Condition],
+        *,
+        caa: Any | None = None,
+        caa_layers: Sequence[int] | None = None,
+        max_new_tokens: int = 64,
+        batch_size: int = 16,
+        max_rows: int = 256,
+    ) -> list[list[str]]:
+        """The texts of every condition, each equal to its own :meth:`generate` call.
+
+        Each batch of prompts runs once for several conditions side by side (its rows
+        repeated per condition, each block steered its own way), so a decoding step reads
+        the weights once for all of them; the batches themselves are those of
+        :func:`cna_lens.generate`.
+
+        Args:
+            prompts: Prompt texts.
+            conditions: The conditions (see :class:`Condition`).
+            caa: CAA vectors for conditions with a non-zero ``caa_alpha``.
+            caa_layers: Layers CAA steers (default: the middle layer).
+            max_new_tokens: Tokens to generate at most.
+            batch_size: Prompts per batch.
+            max_rows: Rows of one forward pass at most (``batch_size`` x conditions run
+                together); at least one condition always runs.
+
+        Returns:
+            Per condition, the texts in prompt order.
+
+        Raises:
+            CNAError: as :meth:`generate`, no conditions, or bad ``max_rows``.
+        """
+        ids = self.generate_many_token_ids(prompts, conditions, caa=caa, caa_layers=caa_layers,
+                                           max_new_tokens=max_new_tokens,
+                                           batch_size=batch_size, max_rows=max_rows)
         tok = self.bridge.tokenizer
-        return [tok.decode(t, skip_special_tokens=True).strip() for t in ids]
+        return [[tok.decode(t, skip_special_tokens=True).strip() for t in rows]
+                for rows in ids]
 
     def generate_token_ids(
         self,
@@ -279,64 +358,102 @@ class FastGenerator:
         batch_size: int = 16,
     ) -> list[list[int]]:
         """New token ids per prompt, up to and excluding EOS (see :meth:`generate`)."""
+        return self.generate_many_token_ids(
+            prompts, [Condition(steering, caa_alpha)], caa=caa, caa_layers=caa_layers,
+            max_new_tokens=max_new_tokens, batch_size=batch_size)[0]
+
+    def generate_many_token_ids(
+        self,
+        prompts: PromptList,
+        conditions: Sequence[Condition],
+        *,
+        caa: Any | None = None,
+        caa_layers: Sequence[int] | None = None,
+        max_new_tokens: int = 64,
+        batch_size: int = 16,
+        max_rows: int = 256,
+    ) -> list[list[list[int]]]:
+        """Per condition, the new token ids per prompt (see :meth:`generate_many`)."""
         if self.hf is None:
             raise CNAError("this FastGenerator is closed; make a new one")
         max_new_tokens = _check_tokens(max_new_tokens)
-        if steering is not None:
-            if not isinstance(steering, Steering):
-                raise CNAError(f"steering must be a Steering or None, got "
-                               f"{type(steering).__name__}")
-            steering.circuit.validate(self.bridge)
-        adds = self._caa_adds(caa, caa_alpha, caa_layers)
-        downs = ({} if steering is None else
-                 {layer: (self.down_projection(layer), op)
-                  for layer, op in steering.layer_ops().items()})
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise CNAError(f"max_rows must be a positive integer, got {max_rows!r}")
+        conds = list(conditions)
+        if not conds:
+            raise CNAError("no conditions to generate")
+        for c in conds:
+            if not isinstance(c, Condition):
+                raise CNAError(f"conditions must be Condition values, got {type(c).__name__}")
+            if c.steering is not None:
+                c.steering.circuit.validate(self.bridge)
+        caa_modules = self._caa_modules(caa, [c.caa_alpha for c in conds], caa_layers)
         batches = tokenize_prompts(self.bridge, prompts, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, device=self.device)
-        results: list[list[int]] = [[] for _ in range(sum(len(b.indices) for b in batches))]
+        n = sum(len(b.indices) for b in batches)
+        results: list[list[list[int]]] = [[[] for _ in range(n)] for _ in conds]
+        per_pass = max(1, max_rows // max(batch_size, 1))
         for batch in batches:
-            rows = self._run_batch(batch.input_ids, batch.attention_mask, steering, downs,
-                                   adds, max_new_tokens)
-            for row, idx in enumerate(batch.indices):
-                results[idx] = rows[row]
+            for start in range(0, len(conds), per_pass):
+                chunk = list(range(start, min(start + per_pass, len(conds))))
+                rows = self._run_batch(batch.input_ids, batch.attention_mask,
+                                       [conds[i] for i in chunk], caa, caa_modules,
+                                       max_new_tokens)
+                width = len(batch.indices)
+                for k, cond in enumerate(chunk):
+                    for row, idx in enumerate(batch.indices):
+                        results[cond][idx] = rows[k * width + row]
         return results
 
-    def _caa_adds(self, caa: Any | None, alpha: float, layers: Sequence[int] | None
-                  ) -> list[tuple[nn.Module, Any]]:
-        from cna_lens.caa import _AddHook, _check_layers, _resid_names
+    def _caa_modules(self, caa: Any | None, alphas: list[float],
+                     layers: Sequence[int] | None) -> dict[int, nn.Module]:
+        """Decoder layers CAA steers (checked as :func:`cna_lens.caa.caa_steer` does)."""
+        from cna_lens.caa import _check_layers, _resid_names
 
         if caa is None:
-            return []
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or (
-                not math.isfinite(alpha)):
-            raise CNAError(f"caa_alpha must be a finite number, got {alpha!r}")
+            if any(a != 0.0 for a in alphas):
+                raise CNAError("a condition has caa_alpha != 0 but no caa vectors were given")
+            return {}
         shape = (int(self.bridge.cfg.n_layers), int(self.bridge.cfg.d_model))
         if (caa.n_layers, caa.d_model) != shape:
             raise CNAError(f"CAA vectors are [{caa.n_layers}, {caa.d_model}] but the model has "
                            f"n_layers={shape[0]}, d_model={shape[1]}")
         chosen = _check_layers(layers, shape[0])
         _resid_names(self.bridge)
-        if alpha == 0.0:
-            return []
-        return [(self.decoder_layer(layer), _AddHook(caa.vectors[layer], float(alpha)))
-                for layer in chosen]
+        return {layer: self.decoder_layer(layer) for layer in chosen}
 
-    def _run_batch(self, input_ids: Tensor, mask: Tensor, steering: Steering | None,
-                   downs: dict[int, tuple[nn.Module, Any]], adds: list[tuple[nn.Module, Any]],
-                   max_new_tokens: int) -> list[list[int]]:
+    def _run_batch(self, input_ids: Tensor, mask: Tensor, conds: list[Condition],
+                   caa: Any | None, caa_modules: dict[int, nn.Module], max_new_tokens: int
+                   ) -> list[list[int]]:
+        """Token ids of ``len(conds)`` copies of the batch, condition-major."""
+        from cna_lens.caa import _AddHook
         from cna_lens.steering import _LayerHook
 
+        width = input_ids.shape[0]
+        groups = _Groups([width] * len(conds))
+        pre: dict[int, dict[int, Any]] = {}
+        post: dict[int, dict[int, Any]] = {}
+        for i, c in enumerate(conds):
+            if c.steering is not None:
+                for layer, op in c.steering.layer_ops().items():  # fresh per batch
+                    pre.setdefault(layer, {})[i] = _LayerHook(op, c.steering.positions, None)
+            if c.caa_alpha != 0.0:
+                for layer in caa_modules:
+                    post.setdefault(layer, {})[i] = _AddHook(caa.vectors[layer],
+                                                             float(c.caa_alpha))
         handles = []
         try:
-            for module, op in downs.values():
-                assert steering is not None
-                hook = _LayerHook(op, steering.positions, None)  # fresh per batch
-                handles.append(module.register_forward_pre_hook(_PreHook(hook)))
-            for module, add in adds:
-                handles.append(module.register_forward_hook(_PostHook(add)))
+            for layer, ops in pre.items():
+                hook = _GroupHook(groups, ops, post=False)
+                handles.append(self.down_projection(layer).register_forward_pre_hook(hook))
+            for layer, ops in post.items():
+                hook = _GroupHook(groups, ops, post=True)
+                handles.append(caa_modules[layer].register_forward_hook(hook))
+            if len(conds) > 1:
+                input_ids, mask = input_ids.repeat(len(conds), 1), mask.repeat(len(conds), 1)
             with torch.inference_mode():
                 if self.use_loop:
-                    return self._greedy(input_ids, mask, max_new_tokens)
+                    return self._greedy(input_ids, mask, max_new_tokens, groups, len(conds))
                 return self._hf_generate(input_ids, mask, max_new_tokens)
         finally:
             for h in handles:
@@ -352,17 +469,20 @@ class FastGenerator:
             kwargs["eos_token_id"] = self.eos
         out = self.hf.generate(input_ids=input_ids, attention_mask=mask,  # type: ignore[operator]
                                **kwargs)
-        rows = []
-        for toks in out[:, input_ids.shape[1]:].tolist():
-            cut = next((i for i, t in enumerate(toks) if t in self.eos), len(toks))
-            rows.append(toks[:cut])
-        return rows
+        return self._cut(out[:, input_ids.shape[1]:].tolist())
 
-    def _greedy(self, input_ids: Tensor, mask: Tensor, max_new_tokens: int) -> list[list[int]]:
+    def _cut(self, ids: list[list[int]]) -> list[list[int]]:
+        eos = set(self.eos)
+        return [toks[:next((i for i, t in enumerate(toks) if t in eos), len(toks))]
+                for toks in ids]
+
+    def _greedy(self, input_ids: Tensor, mask: Tensor, max_new_tokens: int, groups: _Groups,
+                n_groups: int) -> list[list[int]]:
         """Greedy decoding as HF ``generate`` does it, dropping finished rows."""
         hf = self.hf
         assert hf is not None
         n = input_ids.shape[0]
+        width = n // n_groups
         eos = torch.tensor(self.eos or [-1], device=self.device)
         # Position ids exactly as generate makes them from a left-padded mask.
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -372,12 +492,12 @@ class FastGenerator:
         live = torch.arange(n, device=self.device)  # original row of each batch row
         active = torch.ones(n, dtype=torch.bool, device=self.device)  # not yet finished
         last_pos = positions[:, -1:]
+        pads = torch.full((n,), self.pad, dtype=torch.long, device=self.device)
         produced: list[Tensor] = []  # per step: token per original row (pad once finished)
-        tokens = torch.full((n,), self.pad, dtype=torch.long, device=self.device)
         for step in range(max_new_tokens):
             nxt = out.logits[:, -1].to(dtype=torch.float32).argmax(-1)
-            step_tokens = tokens.clone()
-            step_tokens[live] = torch.where(active, nxt, step_tokens[live])
+            step_tokens = pads.clone()
+            step_tokens[live] = torch.where(active, nxt, pads[live])
             produced.append(step_tokens)
             active = active & ~torch.isin(nxt, eos)
             if step == max_new_tokens - 1 or not bool(active.any()):
@@ -387,27 +507,21 @@ class FastGenerator:
                 cache.batch_select_indices(keep)
                 live, active, nxt = live[keep], active[keep], nxt[keep]
                 mask, last_pos = mask[keep], last_pos[keep]
+                groups.set(torch.bincount(live // width, minlength=n_groups).tolist())
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
             last_pos = last_pos + 1
             out = hf(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos,
                      past_key_values=cache, use_cache=True, logits_to_keep=1)
-        ids = torch.stack(produced, dim=1).tolist()
-        eos_set = set(self.eos)
-        rows = []
-        for toks in ids:
-            cut = next((i for i, t in enumerate(toks) if t in eos_set), len(toks))
-            rows.append(toks[:cut])
-        return rows
+        return self._cut(torch.stack(produced, dim=1).tolist())
 
     def _rows_to_keep(self, active: Tensor) -> Tensor | None:
-        """Indices of the rows to go on with, or None to keep the batch as it is."""
+        """Indices of the rows to go on with (in batch order), or None to keep them all."""
         size = active.shape[0]
         if not self.compact or size <= self.min_rows:
             return None
-        n_active = int(active.sum())
-        target = max(n_active, self.min_rows)
+        target = max(int(active.sum()), self.min_rows)
         if target >= size:
             return None
-        # Active rows first, then finished ones to fill up to min_rows, in batch order.
+        # Unfinished rows first, then finished ones to fill up to min_rows.
         order = torch.argsort((~active).to(torch.int8), stable=True)
         return order[:target].sort().values
