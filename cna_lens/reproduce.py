@@ -103,6 +103,8 @@ class ReproduceConfig:
         threads: CPU threads for torch (None: 1 thread for models under 100M parameters,
             torch's default otherwise). Restored afterwards.
         png: Try PNG export of the figures.
+        fast: Generate the sweeps with :class:`cna_lens.fastgen.FastGenerator` (same texts
+            as the obvious path, one steered generation per condition, which False selects).
     """
 
     model: str | None = None
@@ -393,7 +395,8 @@ def sweep_instruct_stage(model: Any, inputs: Inputs, found: Discovered, caa: Any
         model, inputs.eval_sets, circuit=found.circuit, caa=caa, capability=inputs.capability,
         multipliers=cfg.multipliers, caa_alphas=cfg.caa_alphas, caa_layers=caa_layers,
         random_control=True, control_multipliers=(0.0,), seed=cfg.seed, judge=judge,
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, on_condition=on_condition)
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, on_condition=on_condition,
+        fast=cfg.fast)
 
 
 def cards_stage(model: Any, inputs: Inputs, found: Discovered, cfg: ReproduceConfig
@@ -421,7 +424,8 @@ def base_stage(base: Any, inputs: Inputs, dcfg: DiscoveryConfig, cfg: ReproduceC
     results = sweep(
         base, {k: v for k, v in inputs.eval_sets.items() if k in ("harmful", "benign")},
         circuit=found.circuit, multipliers=mults, random_control=False,
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, on_condition=on_condition)
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, on_condition=on_condition,
+        fast=cfg.fast)
     return found, results
 
 
@@ -837,7 +841,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     explicit = {
         "model": args.model, "base_model": args.base_model, "prompts": args.prompts,
         "out": args.out, "device": args.device, "png": not args.no_png, "seed": args.seed,
-        "threads": args.threads,
+        "threads": args.threads, "fast": not args.obvious,
     }
     for key in ("multipliers", "caa_alphas", "caa_layers", "n_eval", "n_discovery",
                 "n_capability", "n_bootstrap", "max_new_tokens", "batch_size", "top_k",
@@ -899,4 +903,7 @@ def register(subparsers: Any, handlers: dict[str, Callable[..., int]]) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for models under 100M parameters)")
     p.add_argument("--no-png", action="store_true", help="write HTML figures only")
+    p.add_argument("--obvious", action="store_true",
+                   help="generate the sweeps one steered generation per condition through "
+                        "the bridge (same texts as the default fast path, slower)")
     handlers["reproduce"] = _cmd_reproduce
