@@ -129,6 +129,7 @@ class ReproduceConfig:
     device: str | None = None
     threads: int | None = None
     png: bool = True
+    fast: bool = True
 
     def __post_init__(self) -> None:
         for name in ("multipliers", "caa_alphas"):

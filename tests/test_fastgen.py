@@ -194,3 +194,14 @@ def test_dose_sweep_fast_equals_obvious(llama):
     obvious = dose_sweep(llama, found, sets, fast=False, **kw)
     cols = [c for c in fast.columns if c != "seconds"]
     assert fast[cols].equals(obvious[cols])
+
+
+def test_cli_obvious_flags():
+    from cna_lens.cli import _build_parser
+
+    parser, _ = _build_parser()
+    common = ["--model", "m", "--positive", "p", "--negative", "n", "--prompts-harmful", "h",
+              "--prompts-benign", "b", "--out", "o"]
+    assert parser.parse_args(["sweep", *common, "--obvious"]).obvious is True
+    assert parser.parse_args(["sweep", *common]).obvious is False
+    assert parser.parse_args(["reproduce", "--obvious"]).obvious is True
