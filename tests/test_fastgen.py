@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import cna_lens
-from cna_lens import CNAError, Steering, organism, register_intervention
+from cna_lens import CNAError, Steering, organism
 from cna_lens.analysis import random_control_circuit
 from cna_lens.caa import caa_generate, compute_caa
 from cna_lens.dose import sweep as dose_sweep
 from cna_lens.evaluation import sweep
 from cna_lens.fastgen import Condition, FastGenerator, _GroupHook
+from cna_lens.interventions import _REGISTRY, Intervention
 from cna_lens.steering import generate_token_ids
 
 PROMPTS = [
@@ -139,11 +140,12 @@ def test_bridge_weights_shared_and_untouched(llama, circuits):
     assert gen.hf is None  # closed
 
 
-def test_no_hook_left_after_exception(llama, circuits):
+def test_no_hook_left_after_exception(llama, circuits, monkeypatch):
     def boom(act, p):
         raise RuntimeError("boom")
 
-    register_intervention("fastgen_boom", boom, overwrite=True)
+    # registered for this test only (the registry is global)
+    monkeypatch.setitem(_REGISTRY, "fastgen_boom", Intervention("fastgen_boom", boom))
     s = Steering(circuit=circuits["llama"], intervention="fastgen_boom", multiplier=0.0)
     with FastGenerator(llama) as gen:
         with pytest.raises(RuntimeError, match="boom"):
