@@ -33,6 +33,16 @@ them; CUDA runs use wall time). What is measured (targets from issue 5):
 * ``eval_batched_vs_sequential`` — 100 prompts x 64 new tokens with ``batch_size=16`` vs
   ``batch_size=1``: speed-up.
 
+``--eval`` runs instead only the evaluation-sweep benchmark: 5 CNA strengths (0, 0.5, 1,
+1.5, 2) x (harmful + benign), ``--eval-prompts`` prompts per set (default 100),
+``--eval-tokens`` new tokens (default 48), batch 16, done the obvious way (one steered
+``cna_lens.generate`` per condition through the bridge) and the fast way
+(``cna_lens.fastgen.FastGenerator``, built inside the timed call), on the organism and on
+every ``--eval-model`` (default: SmolLM2-135M-Instruct when installed). The circuit is
+discovered (0.1%, 1% on the organism) on 32 + 32 prompts. Keys: ``eval_fast_vs_obvious``
+(the CPU-clock speed-up on the largest model measured), ``eval_texts_identical`` (every
+fast text equals its obvious text, every model).
+
 The model is a random Llama (8 layers, d_model 256, d_mlp 1024) made offline with
 ``cna_lens.testing``; discovery is also timed on the model organism when it is installed.
 ``--quick`` uses fewer prompts, tokens and rounds (the JSON records every size used).
@@ -375,6 +385,120 @@ def bench_eval(model: Any, prompts: list[str], new_tokens: int,
     }
 
 
+# ---- evaluation sweep: obvious vs fast -------------------------------------------------------
+
+EVAL_STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+def bench_eval_sweep(model: Any, sets: dict[str, list[str]], circuit: Any, new_tokens: int,
+                     rounds: int, batch_size: int = 16) -> dict[str, Any]:
+    import cna_lens as cl
+    from cna_lens.fastgen import Condition, FastGenerator
+
+    prompts = [p for ps in sets.values() for p in ps]
+    steerings = [cl.Steering(circuit=circuit, multiplier=m) for m in EVAL_STRENGTHS]
+    kw = dict(max_new_tokens=new_tokens, batch_size=batch_size)
+    out: dict[str, Any] = {}
+
+    def obvious():
+        out["obvious"] = [cl.generate(model, prompts, steering=s, **kw) for s in steerings]
+
+    def fast():
+        with FastGenerator(model) as gen:
+            out["fast"] = gen.generate_many(prompts, [Condition(s) for s in steerings], **kw)
+
+    def fast_single():
+        with FastGenerator(model) as gen:
+            out["fast_single"] = [gen.generate(prompts, s, **kw) for s in steerings]
+
+    fns = {"obvious": obvious, "fast": fast, "fast_single": fast_single}
+    times = interleaved(fns, rounds, warmup=False)
+    wall = {k: WALL[k][-rounds:] for k in fns}
+    same = {k: [sum(a == b for a, b in zip(x, y, strict=True))
+                for x, y in zip(out["obvious"], out[k], strict=True)]
+            for k in ("fast", "fast_single")}
+    return {
+        "fast_vs_obvious": ratio(times, "obvious", "fast"),
+        "fast_vs_obvious_wall": statistics.median(
+            a / b for a, b in zip(wall["obvious"], wall["fast"], strict=True)),
+        "single_condition_fast_vs_obvious": ratio(times, "obvious", "fast_single"),
+        "seconds": {k: med(v) for k, v in times.items()},
+        "wall_seconds": {k: med(v) for k, v in wall.items()},
+        "texts_identical": all(n == len(prompts) for n in same["fast"] + same["fast_single"]),
+        "identical_per_condition": same,
+        "changed_by_steering": sum(a != b for a, b in zip(out["obvious"][0],
+                                                          out["obvious"][2], strict=True)),
+        "tokens_generated": sum(len(model.tokenizer(t)["input_ids"])
+                                for texts in out["obvious"] for t in texts),
+        "strengths": list(EVAL_STRENGTHS),
+        "n_prompts": {k: len(v) for k, v in sets.items()},
+        "new_tokens": new_tokens,
+        "batch_size": batch_size,
+        "circuit_neurons": len(circuit),
+        "rounds": rounds,
+    }
+
+
+def _eval_targets(extra: list[str]) -> list[tuple[str, Path, bool]]:
+    """(label, directory, is_organism) of the models to measure."""
+    targets = []
+    org = _organism_dir()
+    if org is not None:
+        targets.append(("organism:instruct", org, True))
+    if extra:
+        names = extra
+    else:
+        from cna_lens import zoo
+
+        names = ["zoo:smollm2-135m-instruct"] if zoo.is_installed("smollm2-135m-instruct") else []
+    for name in names:
+        if name.startswith("zoo:"):
+            from cna_lens import zoo
+
+            targets.append((name, zoo.model_path(name[4:], hf=True), False))
+        else:
+            targets.append((Path(name).name, Path(name), False))
+    return targets
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    import cna_lens as cl
+
+    dtype = getattr(torch, args.dtype)
+    details: dict[str, Any] = {}
+    sizes: dict[str, int] = {}
+    for label, path, is_organism in _eval_targets(args.eval_model):
+        model = cl.load_model(path, device=args.device, dtype=dtype)
+        if is_organism:
+            from cna_lens import organism as src
+        else:
+            from cna_lens import prompt_sets as src
+        sets = {"harmful": src.prompts("eval_harmful")[:args.eval_prompts],
+                "benign": src.prompts("eval_benign")[:args.eval_prompts]}
+        circuit = cl.discover(model, src.prompts("discovery_harmful")[:32],
+                              src.prompts("discovery_benign")[:32],
+                              fraction=0.01 if is_organism else 0.001,
+                              universal_filter=False)
+        details[label] = bench_eval_sweep(model, sets, circuit, args.eval_tokens,
+                                          args.eval_rounds)
+        sizes[label] = sum(p.numel() for p in model.original_model.parameters())
+        details[label]["parameters"] = sizes[label]
+        d = details[label]
+        print(f"  {label}: fast/obvious {d['fast_vs_obvious']:.2f}x cpu, "
+              f"{d['fast_vs_obvious_wall']:.2f}x wall (one condition per call: "
+              f"{d['single_condition_fast_vs_obvious']:.2f}x); identical texts: "
+              f"{d['texts_identical']}; seconds {d['seconds']}")
+        del model
+        gc.collect()
+    if not details:
+        raise SystemExit("--eval: no model to measure (organism not installed, no --eval-model)")
+    largest = max(sizes, key=lambda k: sizes[k])
+    return {"eval_fast_vs_obvious": details[largest]["fast_vs_obvious"],
+            "eval_fast_vs_obvious_wall": details[largest]["fast_vs_obvious_wall"],
+            "eval_texts_identical": all(d["texts_identical"] for d in details.values()),
+            "eval_model": largest, "details": {"eval_sweep": details}}
+
+
 # ---- driver ---------------------------------------------------------------------------------
 
 def _organism_dir() -> Path | None:
@@ -402,6 +526,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
                     help="what to time: process CPU time (default on CPU: robust to other "
                          "tenants of a shared machine) or wall time (default on CUDA)")
+    ap.add_argument("--eval", action="store_true",
+                    help="only the evaluation-sweep benchmark (obvious vs fast generation)")
+    ap.add_argument("--eval-prompts", type=int, default=100, help="--eval: prompts per set")
+    ap.add_argument("--eval-tokens", type=int, default=48, help="--eval: new tokens")
+    ap.add_argument("--eval-rounds", type=int, default=1, help="--eval: interleaved rounds")
+    ap.add_argument("--eval-model", action="append", default=[],
+                    help="--eval: a model directory or zoo:NAME to measure besides the "
+                         "organism (repeatable; default zoo:smollm2-135m-instruct if installed)")
     ap.add_argument("--memory-worker", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -418,6 +550,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     CLOCK["name"] = args.clock or ("cpu" if args.device == "cpu" else "wall")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    if args.eval:
+        started, load_before = time.perf_counter(), os.getloadavg()
+        report = run_eval(args)
+        report["meta"] = {"mode": "eval", "threads": args.threads, "clock": CLOCK["name"],
+                          "device": args.device, "dtype": args.dtype,
+                          "eval_prompts": args.eval_prompts, "eval_tokens": args.eval_tokens,
+                          "torch": torch.__version__, "transformers": transformers.__version__,
+                          "cna_lens": cl.__version__, "loadavg_before": load_before,
+                          "loadavg_after": os.getloadavg(),
+                          "wall_seconds": time.perf_counter() - started}
+        print(f"eval_fast_vs_obvious {report['eval_fast_vs_obvious']:.3f} "
+              f"({report['eval_model']}), eval_texts_identical {report['eval_texts_identical']}")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1, default=_fmt))
+        return report
     q = args.quick
     sizes = dict(
         discovery_prompts=50 if q else 100, discovery_rounds=3 if q else 5,

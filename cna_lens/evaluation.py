@@ -482,6 +482,7 @@ def sweep(
     batch_size: int = 16,
     progress: bool = False,
     on_condition: Callable[[str, float], None] | None = None,
+    fast: bool = True,
 ) -> pd.DataFrame:
     """Generate every prompt set under each steering condition and score the outputs.
 
@@ -511,7 +512,10 @@ def sweep(
         max_new_tokens: Generation length.
         batch_size: Prompts per generation batch.
         progress: Show a progress bar over conditions.
-        on_condition: Called as ``on_condition(method, strength)`` before each condition.
+        on_condition: Called as ``on_condition(method, strength)`` before each condition
+            (with ``fast``, a method's conditions are generated together when its first
+            condition comes).
+        fast: Generate with :class:`cna_lens.fastgen.FastGenerator` (same texts).
 
     Returns:
         One row per prompt x method x strength (columns: prompt_set, prompt_index, prompt,
@@ -546,10 +550,44 @@ def sweep(
                                            + [("caa", a) for a in alphas]
                                            + [("random", m) for m in controls])
     baseline: list[str] | None = None
+    done: dict[tuple[str, float], list[str]] = {}
+    gen = None
+    if fast and conditions:
+        from cna_lens.fastgen import FastGenerator
+
+        gen = FastGenerator(model)
+
+    def is_identity(method: str, strength: float) -> bool:
+        return strength == 1.0 if method in ("cna", "random") else strength == 0.0
+
+    def run_fast(method: str, strength: float) -> list[str]:
+        """A method's conditions in one pass (and the unsteered model if still missing)."""
+        from cna_lens.fastgen import Condition
+        from cna_lens.interventions import Steering
+
+        nonlocal baseline
+        identity = is_identity(method, strength)
+        if identity and baseline is not None:
+            return baseline
+        if (method, strength) not in done:
+            todo = [s for m, s in conditions if m == method and not is_identity(m, s)]
+            conds = [Condition(None, s) if method == "caa" else Condition(Steering(
+                circuit=circuit if method == "cna" else control, multiplier=s)) for s in todo]
+            if baseline is None:
+                conds.append(Condition(None))
+            assert gen is not None
+            texts = gen.generate_many(all_prompts, conds, caa=caa, caa_layers=caa_layers,
+                                      **gen_kwargs)
+            if baseline is None:
+                baseline = texts.pop()
+            done.update(zip(((method, s) for s in todo), texts, strict=True))
+        return baseline if identity else done[(method, strength)]
 
     def run(method: str, strength: float) -> list[str]:
         nonlocal baseline
-        identity = strength == 1.0 if method in ("cna", "random") else strength == 0.0
+        if gen is not None:
+            return run_fast(method, strength)
+        identity = is_identity(method, strength)
         if identity:
             if baseline is None:
                 baseline = generate(model, all_prompts, **gen_kwargs)
@@ -582,6 +620,8 @@ def sweep(
                 ))
     finally:
         bar.close()
+        if gen is not None:
+            gen.close()
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
     return pd.concat(frames, ignore_index=True)

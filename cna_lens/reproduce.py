@@ -106,6 +106,8 @@ class ReproduceConfig:
         png: Try PNG export of the figures.
         overwrite: Write into a non-empty ``out`` that is not a previous reproduce output
             (refused by default, before any model is loaded).
+        fast: Generate the sweeps with :class:`cna_lens.fastgen.FastGenerator` (same texts
+            as the obvious path, one steered generation per condition, which False selects).
     """
 
     model: str | None = None
@@ -131,6 +133,7 @@ class ReproduceConfig:
     threads: int | None = None
     png: bool = True
     overwrite: bool = False
+    fast: bool = True
 
     def __post_init__(self) -> None:
         for name in ("multipliers", "caa_alphas"):
@@ -397,7 +400,8 @@ def sweep_instruct_stage(model: Any, inputs: Inputs, found: Discovered, caa: Any
         model, inputs.eval_sets, circuit=found.circuit, caa=caa, capability=inputs.capability,
         multipliers=cfg.multipliers, caa_alphas=cfg.caa_alphas, caa_layers=caa_layers,
         random_control=True, control_multipliers=(0.0,), seed=cfg.seed, judge=judge,
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, on_condition=on_condition)
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, on_condition=on_condition,
+        fast=cfg.fast)
 
 
 def cards_stage(model: Any, inputs: Inputs, found: Discovered, cfg: ReproduceConfig
@@ -425,7 +429,8 @@ def base_stage(base: Any, inputs: Inputs, dcfg: DiscoveryConfig, cfg: ReproduceC
     results = sweep(
         base, {k: v for k, v in inputs.eval_sets.items() if k in ("harmful", "benign")},
         circuit=found.circuit, multipliers=mults, random_control=False,
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, on_condition=on_condition)
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, on_condition=on_condition,
+        fast=cfg.fast)
     return found, results
 
 
@@ -851,7 +856,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     explicit = {
         "model": args.model, "base_model": args.base_model, "prompts": args.prompts,
         "out": args.out, "device": args.device, "png": not args.no_png, "seed": args.seed,
-        "threads": args.threads, "overwrite": args.overwrite,
+        "threads": args.threads, "overwrite": args.overwrite, "fast": not args.obvious,
     }
     for key in ("multipliers", "caa_alphas", "caa_layers", "n_eval", "n_discovery",
                 "n_capability", "n_bootstrap", "max_new_tokens", "batch_size", "top_k",
@@ -915,4 +920,7 @@ def register(subparsers: Any, handlers: dict[str, Callable[..., int]]) -> None:
     p.add_argument("--no-png", action="store_true", help="write HTML figures only")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out that is not a previous reproduce output")
+    p.add_argument("--obvious", action="store_true",
+                   help="generate the sweeps one steered generation per condition through "
+                        "the bridge (same texts as the default fast path, slower)")
     handlers["reproduce"] = _cmd_reproduce

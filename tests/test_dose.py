@@ -81,7 +81,7 @@ def test_sweep_on_the_organism(instruct, found, monkeypatch):
     monkeypatch.setattr(steering, "generate_token_ids", counting)
     table = cna_lens.sweep(instruct, found, SETS, fractions=[0.005, 0.01], multipliers=[0, 1],
                            interventions=("scale", "mean"), signs=("both", "positive"),
-                           max_new_tokens=8)
+                           max_new_tokens=8, fast=False)  # counts the obvious path's calls
     assert list(table.columns) == COLUMNS
     assert len(table) == 2 * 2 * 2 * 2 * len(SETS)
     assert sorted(set(table["k"])) == [15, 31]  # 0.5% and 1% of 3,072 neurons
