@@ -34,25 +34,49 @@ def main() -> None:
     model = organism.load("instruct", device="cpu")
     config = cl.DiscoveryConfig(fraction=0.02, universal_prompts=organism.prompts("universal"))
     start = time.perf_counter()
-    found = cl.discover_full(model, organism.prompts("discovery_harmful"),
-                             organism.prompts("discovery_benign"), config)
-    sets = {"eval_harmful": organism.prompts("eval_harmful"),
-            "eval_benign": organism.prompts("eval_benign")}
-    table = cl.sweep(model, found, sets, fractions=[0.005, 0.01, 0.02], multipliers=[0.0, 1.0],
-                     interventions=("scale", "mean"), signs=("both", "positive"),
-                     max_new_tokens=args.max_new_tokens, batch_size=32)
+    found = cl.discover_full(
+        model, organism.prompts("discovery_harmful"), organism.prompts("discovery_benign"), config
+    )
+    sets = {
+        "eval_harmful": organism.prompts("eval_harmful"),
+        "eval_benign": organism.prompts("eval_benign"),
+    }
+    table = cl.sweep(
+        model,
+        found,
+        sets,
+        fractions=[0.005, 0.01, 0.02],
+        multipliers=[0.0, 1.0],
+        interventions=("scale", "mean"),
+        signs=("both", "positive"),
+        max_new_tokens=args.max_new_tokens,
+        batch_size=32,
+    )
     seconds = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "sweep.csv", index=False)
-    (out / "sweep.json").write_text(json.dumps({
-        "discovery": config.to_dict() | {"universal_prompts": "organism universal set"},
-        "max_new_tokens": args.max_new_tokens, "seconds": seconds,
-        "rows": json.loads(table.to_json(orient="records"))}, indent=1))
-    save_figures({"dose_vs_k": dose_figure(table, x="k"),
-                  "dose_vs_m": dose_figure(table, x="multiplier")}, out, png=False)
-    wide = table.pivot_table(index=["k", "intervention", "sign", "multiplier"],
-                             columns="prompt_set", values=["refusal_rate", "quality"])
+    (out / "sweep.json").write_text(
+        json.dumps(
+            {
+                "discovery": config.to_dict() | {"universal_prompts": "organism universal set"},
+                "max_new_tokens": args.max_new_tokens,
+                "seconds": seconds,
+                "rows": json.loads(table.to_json(orient="records")),
+            },
+            indent=1,
+        )
+    )
+    save_figures(
+        {"dose_vs_k": dose_figure(table, x="k"), "dose_vs_m": dose_figure(table, x="multiplier")},
+        out,
+        png=False,
+    )
+    wide = table.pivot_table(
+        index=["k", "intervention", "sign", "multiplier"],
+        columns="prompt_set",
+        values=["refusal_rate", "quality"],
+    )
     print(wide.round(3).to_string())
     print(f"{len(table)} rows, {seconds:.1f} s -> {out}")
 

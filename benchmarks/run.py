@@ -81,16 +81,20 @@ TARGETS = {
     "baked_vs_unsteered_tokens": (">=", 0.98),
 }
 
-_WORDS = ("how do i pick a lock the ocean moon write poem explain vaccines capital of france "
-          "quick brown fox code numbers please step by step tell me about history river city "
-          "build a small house garden music teach child safely recipe bread why sky blue").split()
+_WORDS = (
+    "how do i pick a lock the ocean moon write poem explain vaccines capital of france "
+    "quick brown fox code numbers please step by step tell me about history river city "
+    "build a small house garden music teach child safely recipe bread why sky blue"
+).split()
 
 
 def make_prompts(n: int, seed: int) -> list[str]:
     """Deterministic synthetic prompts of 5-30 words."""
     rng = random.Random(seed)
-    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 30))).capitalize() + "?"
-            for _ in range(n)]
+    return [
+        " ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 30))).capitalize() + "?"
+        for _ in range(n)
+    ]
 
 
 CLOCK = {"name": "wall"}
@@ -117,7 +121,7 @@ def interleaved(fns: dict[str, Any], rounds: int, warmup: bool = True) -> dict[s
     times: dict[str, list[float]] = {k: [] for k in fns}
     keys = list(fns)
     for r in range(rounds):
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:  # rotate: no side always first
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:  # rotate: no side always first
             t, w = _time(fns[k])
             times[k].append(t)
             WALL.setdefault(k, []).append(w)
@@ -125,7 +129,7 @@ def interleaved(fns: dict[str, Any], rounds: int, warmup: bool = True) -> dict[s
 
 
 def wall_of(times: dict[str, list[float]]) -> dict[str, float]:
-    return {k: med(WALL[k][-len(v):]) for k, v in times.items()}
+    return {k: med(WALL[k][-len(v) :]) for k, v in times.items()}
 
 
 def ratio(times: dict[str, list[float]], num: str, den: str) -> float:
@@ -139,12 +143,21 @@ def med(xs: list[float]) -> float:
 
 # ---- discovery ------------------------------------------------------------------------------
 
-def bench_discovery(model: Any, hf: Any, pos: list[str], neg: list[str], rounds: int,
-                    batch_size: int = 32, with_bridge: bool = True) -> dict[str, Any]:
+
+def bench_discovery(
+    model: Any,
+    hf: Any,
+    pos: list[str],
+    neg: list[str],
+    rounds: int,
+    batch_size: int = 32,
+    with_bridge: bool = True,
+) -> dict[str, Any]:
     import cna_lens as cl
 
-    batches = (cl.tokenize_prompts(model, pos, batch_size=batch_size)
-               + cl.tokenize_prompts(model, neg, batch_size=batch_size))
+    batches = cl.tokenize_prompts(model, pos, batch_size=batch_size) + cl.tokenize_prompts(
+        model, neg, batch_size=batch_size
+    )
 
     def hf_forward():
         with torch.inference_mode():
@@ -185,6 +198,7 @@ def bench_discovery(model: Any, hf: Any, pos: list[str], neg: list[str], rounds:
 
 
 # ---- the naive reference method -------------------------------------------------------------
+
 
 def naive_discovery(model: Any, pos: list[str], neg: list[str], k: int) -> list[tuple[int, int]]:
     """What the public reference code does: batch 1, per-neuron Python loop, Python sort."""
@@ -243,6 +257,7 @@ def bench_naive(model: Any, pos: list[str], neg: list[str], rounds: int) -> dict
 
 # ---- memory (one fresh process per size) ----------------------------------------------------
 
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -277,18 +292,34 @@ def memory_worker(model_dir: str, n_prompts: int, threads: int) -> dict[str, Any
     sampler.join()
     peak_sampled = max(peak[0], _rss_bytes())
     high_water = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"n_prompts": n_prompts, "baseline_mb": baseline / 2**20,
-            "peak_mb": peak_sampled / 2**20, "process_high_water_mb": high_water / 2**20,
-            "growth_mb": (peak_sampled - baseline) / 2**20, "seconds": seconds}
+    return {
+        "n_prompts": n_prompts,
+        "baseline_mb": baseline / 2**20,
+        "peak_mb": peak_sampled / 2**20,
+        "process_high_water_mb": high_water / 2**20,
+        "growth_mb": (peak_sampled - baseline) / 2**20,
+        "seconds": seconds,
+    }
 
 
 def bench_memory(model_dir: Path, threads: int, sizes=(64, 1024)) -> dict[str, Any]:
     res = {}
     for n in sizes:
         proc = subprocess.run(
-            [sys.executable, __file__, "--memory-worker", str(n), "--model-dir", str(model_dir),
-             "--threads", str(threads)],
-            capture_output=True, text=True, check=False)
+            [
+                sys.executable,
+                __file__,
+                "--memory-worker",
+                str(n),
+                "--model-dir",
+                str(model_dir),
+                "--threads",
+                str(threads),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"memory worker ({n} prompts) failed:\n{proc.stderr[-3000:]}")
         res[n] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -304,6 +335,7 @@ def bench_memory(model_dir: Path, threads: int, sizes=(64, 1024)) -> dict[str, A
 
 # ---- generation ------------------------------------------------------------------------------
 
+
 def _circuit(model: Any, fraction: float, seed: int = 0):
     import cna_lens as cl
 
@@ -311,12 +343,14 @@ def _circuit(model: Any, fraction: float, seed: int = 0):
     k = max(1, round(fraction * n_layers * d_mlp))
     g = torch.Generator().manual_seed(seed)
     flat = torch.randperm(n_layers * d_mlp, generator=g)[:k].tolist()
-    return cl.Circuit(tuple(cl.Neuron(i // d_mlp, i % d_mlp, 1.0) for i in flat), n_layers,
-                      d_mlp).for_model(model)
+    return cl.Circuit(
+        tuple(cl.Neuron(i // d_mlp, i % d_mlp, 1.0) for i in flat), n_layers, d_mlp
+    ).for_model(model)
 
 
-def bench_steering(model: Any, prompts: list[str], new_tokens: int, rounds: int,
-                   fraction: float = 0.005) -> dict[str, Any]:
+def bench_steering(
+    model: Any, prompts: list[str], new_tokens: int, rounds: int, fraction: float = 0.005
+) -> dict[str, Any]:
     import cna_lens as cl
     from cna_lens.baking import bake
 
@@ -328,8 +362,9 @@ def bench_steering(model: Any, prompts: list[str], new_tokens: int, rounds: int,
         out["unsteered"] = cl.generate_token_ids(model, prompts, **kw)
 
     def steered():
-        out["steered"] = cl.generate_token_ids(model, prompts, circuit=circuit, multiplier=0.0,
-                                               **kw)
+        out["steered"] = cl.generate_token_ids(
+            model, prompts, circuit=circuit, multiplier=0.0, **kw
+        )
 
     def baked():
         with bake(model, circuit, 0.0):
@@ -342,9 +377,11 @@ def bench_steering(model: Any, prompts: list[str], new_tokens: int, rounds: int,
     rate = {k: [work[k] / t for t in times[k]] for k in times}
     return {
         "steered_vs_unsteered_tokens": statistics.median(
-            s / u for s, u in zip(rate["steered"], rate["unsteered"], strict=True)),
+            s / u for s, u in zip(rate["steered"], rate["unsteered"], strict=True)
+        ),
         "baked_vs_unsteered_tokens": statistics.median(
-            b / u for b, u in zip(rate["baked"], rate["unsteered"], strict=True)),
+            b / u for b, u in zip(rate["baked"], rate["unsteered"], strict=True)
+        ),
         "tokens_per_s": {k: med(v) for k, v in rate.items()},
         "wall_seconds": wall_of(times),
         "decode_steps": steps,
@@ -358,19 +395,22 @@ def bench_steering(model: Any, prompts: list[str], new_tokens: int, rounds: int,
     }
 
 
-def bench_eval(model: Any, prompts: list[str], new_tokens: int,
-               batch_size: int = 16) -> dict[str, Any]:
+def bench_eval(
+    model: Any, prompts: list[str], new_tokens: int, batch_size: int = 16
+) -> dict[str, Any]:
     import cna_lens as cl
 
     out: dict[str, Any] = {}
 
     def batched():
-        out["batched"] = cl.generate_token_ids(model, prompts, max_new_tokens=new_tokens,
-                                               batch_size=batch_size)
+        out["batched"] = cl.generate_token_ids(
+            model, prompts, max_new_tokens=new_tokens, batch_size=batch_size
+        )
 
     def sequential():
-        out["sequential"] = cl.generate_token_ids(model, prompts, max_new_tokens=new_tokens,
-                                                  batch_size=1)
+        out["sequential"] = cl.generate_token_ids(
+            model, prompts, max_new_tokens=new_tokens, batch_size=1
+        )
 
     times = interleaved({"batched": batched, "sequential": sequential}, 1, warmup=False)
     same = sum(a == b for a, b in zip(out["batched"], out["sequential"], strict=True))
@@ -390,8 +430,14 @@ def bench_eval(model: Any, prompts: list[str], new_tokens: int,
 EVAL_STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 
-def bench_eval_sweep(model: Any, sets: dict[str, list[str]], circuit: Any, new_tokens: int,
-                     rounds: int, batch_size: int = 16) -> dict[str, Any]:
+def bench_eval_sweep(
+    model: Any,
+    sets: dict[str, list[str]],
+    circuit: Any,
+    new_tokens: int,
+    rounds: int,
+    batch_size: int = 16,
+) -> dict[str, Any]:
     import cna_lens as cl
     from cna_lens.fastgen import Condition, FastGenerator
 
@@ -414,22 +460,29 @@ def bench_eval_sweep(model: Any, sets: dict[str, list[str]], circuit: Any, new_t
     fns = {"obvious": obvious, "fast": fast, "fast_single": fast_single}
     times = interleaved(fns, rounds, warmup=False)
     wall = {k: WALL[k][-rounds:] for k in fns}
-    same = {k: [sum(a == b for a, b in zip(x, y, strict=True))
-                for x, y in zip(out["obvious"], out[k], strict=True)]
-            for k in ("fast", "fast_single")}
+    same = {
+        k: [
+            sum(a == b for a, b in zip(x, y, strict=True))
+            for x, y in zip(out["obvious"], out[k], strict=True)
+        ]
+        for k in ("fast", "fast_single")
+    }
     return {
         "fast_vs_obvious": ratio(times, "obvious", "fast"),
         "fast_vs_obvious_wall": statistics.median(
-            a / b for a, b in zip(wall["obvious"], wall["fast"], strict=True)),
+            a / b for a, b in zip(wall["obvious"], wall["fast"], strict=True)
+        ),
         "single_condition_fast_vs_obvious": ratio(times, "obvious", "fast_single"),
         "seconds": {k: med(v) for k, v in times.items()},
         "wall_seconds": {k: med(v) for k, v in wall.items()},
         "texts_identical": all(n == len(prompts) for n in same["fast"] + same["fast_single"]),
         "identical_per_condition": same,
-        "changed_by_steering": sum(a != b for a, b in zip(out["obvious"][0],
-                                                          out["obvious"][2], strict=True)),
-        "tokens_generated": sum(len(model.tokenizer(t)["input_ids"])
-                                for texts in out["obvious"] for t in texts),
+        "changed_by_steering": sum(
+            a != b for a, b in zip(out["obvious"][0], out["obvious"][2], strict=True)
+        ),
+        "tokens_generated": sum(
+            len(model.tokenizer(t)["input_ids"]) for texts in out["obvious"] for t in texts
+        ),
         "strengths": list(EVAL_STRENGTHS),
         "n_prompts": {k: len(v) for k, v in sets.items()},
         "new_tokens": new_tokens,
@@ -473,33 +526,43 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             from cna_lens import organism as src
         else:
             from cna_lens import prompt_sets as src
-        sets = {"harmful": src.prompts("eval_harmful")[:args.eval_prompts],
-                "benign": src.prompts("eval_benign")[:args.eval_prompts]}
-        circuit = cl.discover(model, src.prompts("discovery_harmful")[:32],
-                              src.prompts("discovery_benign")[:32],
-                              fraction=0.01 if is_organism else 0.001,
-                              universal_filter=False)
-        details[label] = bench_eval_sweep(model, sets, circuit, args.eval_tokens,
-                                          args.eval_rounds)
+        sets = {
+            "harmful": src.prompts("eval_harmful")[: args.eval_prompts],
+            "benign": src.prompts("eval_benign")[: args.eval_prompts],
+        }
+        circuit = cl.discover(
+            model,
+            src.prompts("discovery_harmful")[:32],
+            src.prompts("discovery_benign")[:32],
+            fraction=0.01 if is_organism else 0.001,
+            universal_filter=False,
+        )
+        details[label] = bench_eval_sweep(model, sets, circuit, args.eval_tokens, args.eval_rounds)
         sizes[label] = sum(p.numel() for p in model.original_model.parameters())
         details[label]["parameters"] = sizes[label]
         d = details[label]
-        print(f"  {label}: fast/obvious {d['fast_vs_obvious']:.2f}x cpu, "
-              f"{d['fast_vs_obvious_wall']:.2f}x wall (one condition per call: "
-              f"{d['single_condition_fast_vs_obvious']:.2f}x); identical texts: "
-              f"{d['texts_identical']}; seconds {d['seconds']}")
+        print(
+            f"  {label}: fast/obvious {d['fast_vs_obvious']:.2f}x cpu, "
+            f"{d['fast_vs_obvious_wall']:.2f}x wall (one condition per call: "
+            f"{d['single_condition_fast_vs_obvious']:.2f}x); identical texts: "
+            f"{d['texts_identical']}; seconds {d['seconds']}"
+        )
         del model
         gc.collect()
     if not details:
         raise SystemExit("--eval: no model to measure (organism not installed, no --eval-model)")
     largest = max(sizes, key=lambda k: sizes[k])
-    return {"eval_fast_vs_obvious": details[largest]["fast_vs_obvious"],
-            "eval_fast_vs_obvious_wall": details[largest]["fast_vs_obvious_wall"],
-            "eval_texts_identical": all(d["texts_identical"] for d in details.values()),
-            "eval_model": largest, "details": {"eval_sweep": details}}
+    return {
+        "eval_fast_vs_obvious": details[largest]["fast_vs_obvious"],
+        "eval_fast_vs_obvious_wall": details[largest]["fast_vs_obvious_wall"],
+        "eval_texts_identical": all(d["texts_identical"] for d in details.values()),
+        "eval_model": largest,
+        "details": {"eval_sweep": details},
+    }
 
 
 # ---- driver ---------------------------------------------------------------------------------
+
 
 def _organism_dir() -> Path | None:
     try:
@@ -518,22 +581,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes, < 2 minutes on 2 cores")
     ap.add_argument("--json", type=Path, help="write the results here")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: on a small shared CPU more "
-                         "threads oversubscribe the cores and make timings erratic)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a small shared CPU more "
+        "threads oversubscribe the cores and make timings erratic)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
-                    help="what to time: process CPU time (default on CPU: robust to other "
-                         "tenants of a shared machine) or wall time (default on CUDA)")
-    ap.add_argument("--eval", action="store_true",
-                    help="only the evaluation-sweep benchmark (obvious vs fast generation)")
+    ap.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default=None,
+        help="what to time: process CPU time (default on CPU: robust to other "
+        "tenants of a shared machine) or wall time (default on CUDA)",
+    )
+    ap.add_argument(
+        "--eval",
+        action="store_true",
+        help="only the evaluation-sweep benchmark (obvious vs fast generation)",
+    )
     ap.add_argument("--eval-prompts", type=int, default=100, help="--eval: prompts per set")
     ap.add_argument("--eval-tokens", type=int, default=48, help="--eval: new tokens")
     ap.add_argument("--eval-rounds", type=int, default=1, help="--eval: interleaved rounds")
-    ap.add_argument("--eval-model", action="append", default=[],
-                    help="--eval: a model directory or zoo:NAME to measure besides the "
-                         "organism (repeatable; default zoo:smollm2-135m-instruct if installed)")
+    ap.add_argument(
+        "--eval-model",
+        action="append",
+        default=[],
+        help="--eval: a model directory or zoo:NAME to measure besides the "
+        "organism (repeatable; default zoo:smollm2-135m-instruct if installed)",
+    )
     ap.add_argument("--memory-worker", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -553,55 +631,76 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.eval:
         started, load_before = time.perf_counter(), os.getloadavg()
         report = run_eval(args)
-        report["meta"] = {"mode": "eval", "threads": args.threads, "clock": CLOCK["name"],
-                          "device": args.device, "dtype": args.dtype,
-                          "eval_prompts": args.eval_prompts, "eval_tokens": args.eval_tokens,
-                          "torch": torch.__version__, "transformers": transformers.__version__,
-                          "cna_lens": cl.__version__, "loadavg_before": load_before,
-                          "loadavg_after": os.getloadavg(),
-                          "wall_seconds": time.perf_counter() - started}
-        print(f"eval_fast_vs_obvious {report['eval_fast_vs_obvious']:.3f} "
-              f"({report['eval_model']}), eval_texts_identical {report['eval_texts_identical']}")
+        report["meta"] = {
+            "mode": "eval",
+            "threads": args.threads,
+            "clock": CLOCK["name"],
+            "device": args.device,
+            "dtype": args.dtype,
+            "eval_prompts": args.eval_prompts,
+            "eval_tokens": args.eval_tokens,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "cna_lens": cl.__version__,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "wall_seconds": time.perf_counter() - started,
+        }
+        print(
+            f"eval_fast_vs_obvious {report['eval_fast_vs_obvious']:.3f} "
+            f"({report['eval_model']}), eval_texts_identical {report['eval_texts_identical']}"
+        )
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=1, default=_fmt))
         return report
     q = args.quick
     sizes = dict(
-        discovery_prompts=50 if q else 100, discovery_rounds=3 if q else 5,
-        naive_prompts=16 if q else 100, naive_rounds=1 if q else 3,
-        gen_tokens=32 if q else 64, gen_rounds=2 if q else 5,
-        eval_prompts=16 if q else 100, eval_tokens=32 if q else 64,
+        discovery_prompts=50 if q else 100,
+        discovery_rounds=3 if q else 5,
+        naive_prompts=16 if q else 100,
+        naive_rounds=1 if q else 3,
+        gen_tokens=32 if q else 64,
+        gen_rounds=2 if q else 5,
+        eval_prompts=16 if q else 100,
+        eval_tokens=32 if q else 64,
         memory_sizes=(64, 1024),
     )
     started = time.perf_counter()
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="cna-bench-"))
-    model_dir = make_random_model_dir(tmp / "llama", arch="llama", seed=0, **MODEL_SHAPE,
-                                      dtype="float32")
+    model_dir = make_random_model_dir(
+        tmp / "llama", arch="llama", seed=0, **MODEL_SHAPE, dtype="float32"
+    )
     small_dir = make_random_model_dir(tmp / "llama-small", arch="llama", seed=0, **SMALL_SHAPE)
     dtype = getattr(torch, args.dtype)
     model = cl.load_model(model_dir, device=args.device, dtype=dtype)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(
-        args.device).eval()
+    hf = (
+        transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        .to(args.device)
+        .eval()
+    )
 
     results: dict[str, Any] = {}
     details: dict[str, Any] = {}
     n = sizes["discovery_prompts"]
     pos, neg = make_prompts(n, seed=1), make_prompts(n, seed=2)
-    details["discovery"] = bench_discovery(model, hf, pos, neg, sizes["discovery_rounds"],
-                                           with_bridge=not q)
+    details["discovery"] = bench_discovery(
+        model, hf, pos, neg, sizes["discovery_rounds"], with_bridge=not q
+    )
     results["discovery_vs_forward"] = details["discovery"]["discovery_vs_forward"]
     m = sizes["naive_prompts"] // 2
     details["naive"] = bench_naive(model, pos[:m], neg[:m], sizes["naive_rounds"])
     results["discovery_vs_naive"] = details["naive"]["discovery_vs_naive"]
     gen_prompts = make_prompts(16, seed=3)
-    details["steering"] = bench_steering(model, gen_prompts, sizes["gen_tokens"],
-                                         sizes["gen_rounds"])
+    details["steering"] = bench_steering(
+        model, gen_prompts, sizes["gen_tokens"], sizes["gen_rounds"]
+    )
     for key in ("steered_vs_unsteered_tokens", "baked_vs_unsteered_tokens"):
         results[key] = details["steering"][key]
-    details["eval"] = bench_eval(model, make_prompts(sizes["eval_prompts"], seed=4),
-                                 sizes["eval_tokens"])
+    details["eval"] = bench_eval(
+        model, make_prompts(sizes["eval_prompts"], seed=4), sizes["eval_tokens"]
+    )
     results["eval_batched_vs_sequential"] = details["eval"]["eval_batched_vs_sequential"]
     del model, hf
     gc.collect()
@@ -615,14 +714,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from cna_lens import organism
 
         omodel = cl.load_model(org, device=args.device, dtype=dtype)
-        ohf = transformers.AutoModelForCausalLM.from_pretrained(org, dtype=dtype).to(
-            args.device).eval()
+        ohf = (
+            transformers.AutoModelForCausalLM.from_pretrained(org, dtype=dtype)
+            .to(args.device)
+            .eval()
+        )
         opos = organism.prompts("discovery_harmful")
         oneg = organism.prompts("discovery_benign")
-        details["organism_discovery"] = bench_discovery(omodel, ohf, opos, oneg,
-                                                        sizes["discovery_rounds"], with_bridge=True)
-        results["organism_discovery_vs_forward"] = (
-            details["organism_discovery"]["discovery_vs_forward"])
+        details["organism_discovery"] = bench_discovery(
+            omodel, ohf, opos, oneg, sizes["discovery_rounds"], with_bridge=True
+        )
+        results["organism_discovery_vs_forward"] = details["organism_discovery"][
+            "discovery_vs_forward"
+        ]
         del omodel, ohf
     else:
         details["organism_discovery"] = "skipped: cna_lens.organism is not installed/trained"
@@ -644,26 +748,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loadavg_after": os.getloadavg(),
         "wall_seconds": time.perf_counter() - started,
     }
-    report = {**results, "targets": {k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
-              "details": details, "meta": meta}
+    report = {
+        **results,
+        "targets": {k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
+        "details": details,
+        "meta": meta,
+    }
 
-    print(f"\ncna_lens benchmark ({meta['mode']}, {args.device}, {args.threads} thread(s), "
-          f"{CLOCK['name']} clock, "
-          f"load {load_before[0]:.2f} -> {meta['loadavg_after'][0]:.2f}, "
-          f"{meta['wall_seconds']:.0f} s)")
+    print(
+        f"\ncna_lens benchmark ({meta['mode']}, {args.device}, {args.threads} thread(s), "
+        f"{CLOCK['name']} clock, "
+        f"load {load_before[0]:.2f} -> {meta['loadavg_after'][0]:.2f}, "
+        f"{meta['wall_seconds']:.0f} s)"
+    )
     print(f"{'metric':34s} {'ratio':>8s}  {'target':>8s}  met")
     for key, value in results.items():
         op, target = TARGETS.get(key, (None, None))
-        met = "" if op is None else ("yes" if (value <= target if op == "<=" else
-                                               value >= target) else "NO")
+        met = (
+            ""
+            if op is None
+            else ("yes" if (value <= target if op == "<=" else value >= target) else "NO")
+        )
         print(f"{key:34s} {value:8.3f}  {'' if op is None else f'{op} {target}':>8s}  {met}")
     st = details["steering"]
     print(f"  discovery s: {details['discovery']['seconds']}")
-    print(f"  naive s: {details['naive']['seconds']} (top-k overlap "
-          f"{details['naive']['top_k_overlap']:.2f})")
+    print(
+        f"  naive s: {details['naive']['seconds']} (top-k overlap "
+        f"{details['naive']['top_k_overlap']:.2f})"
+    )
     print(f"  tokens/s: {st['tokens_per_s']}; baked == steered: {st['baked_equals_steered']}")
-    print(f"  memory peak MB: {details['memory']['peak_mb']}, growth MB: "
-          f"{details['memory']['memory_growth_mb']}")
+    print(
+        f"  memory peak MB: {details['memory']['peak_mb']}, growth MB: "
+        f"{details['memory']['memory_growth_mb']}"
+    )
     print(f"  eval s: {details['eval']['seconds']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -71,11 +71,28 @@ from cna_lens.universal import (
 )
 
 # Stages that pull in pandas / plotly / the organism data load on first use.
-_LAZY_MODULES = ("dose", "evaluation", "plots", "figures", "reproduce", "organism", "testing",
-                 "explore", "report", "prompt_sets", "zoo", "summary")
+_LAZY_MODULES = (
+    "dose",
+    "evaluation",
+    "plots",
+    "figures",
+    "reproduce",
+    "organism",
+    "testing",
+    "explore",
+    "report",
+    "prompt_sets",
+    "zoo",
+    "summary",
+)
 # Public names defined in those lazy modules (name -> module).
-_LAZY_NAMES = {"activation_cache": "explore", "neuron_card": "explore",
-               "NeuronCard": "explore", "circuit_map": "explore", "sweep": "dose"}
+_LAZY_NAMES = {
+    "activation_cache": "explore",
+    "neuron_card": "explore",
+    "NeuronCard": "explore",
+    "circuit_map": "explore",
+    "sweep": "dose",
+}
 
 
 def __getattr__(name: str):

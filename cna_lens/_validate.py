@@ -49,8 +49,9 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
         CNAError: not an integer, or out of range.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise CNAError(f"{name} must be {_int_text(low, high)}, got {value!r} "
-                       f"({type(value).__name__})")
+        raise CNAError(
+            f"{name} must be {_int_text(low, high)}, got {value!r} ({type(value).__name__})"
+        )
     result = int(value)
     if (low is not None and result < low) or (high is not None and result > high):
         raise CNAError(f"{name} must be {_int_text(low, high)}, got {result}")
@@ -72,8 +73,11 @@ def check_real(
         CNAError: not a real number, NaN or infinite, or out of range.
     """
     bounds = _range_text(low, high, low_open, high_open)
-    what = f"{name} must be{bounds} (a finite real number)" if bounds else (
-        f"{name} must be finite (a real number)")
+    what = (
+        f"{name} must be{bounds} (a finite real number)"
+        if bounds
+        else (f"{name} must be finite (a real number)")
+    )
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise CNAError(f"{what}, got {value!r} ({type(value).__name__})")
     try:

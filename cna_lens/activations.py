@@ -68,8 +68,13 @@ def iter_activations(
         return hook
 
     fwd_hooks = [(name, make_hook(layer)) for layer, name in enumerate(names)]
-    bar = tqdm(total=sum(len(b.indices) for b in batches), desc=desc, unit="prompt",
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=sum(len(b.indices) for b in batches),
+        desc=desc,
+        unit="prompt",
+        disable=not progress,
+        leave=False,
+    )
     try:
         for batch in batches:
             store[:] = [None] * len(names)
@@ -78,8 +83,10 @@ def iter_activations(
             captured = [a for a in store if a is not None]
             if len(captured) < len(names):
                 missing = [names[i] for i, a in enumerate(store) if a is None]
-                raise CNAError(f"the forward pass never reached {missing[:3]}; "
-                               "cannot read MLP neuron activations there")
+                raise CNAError(
+                    f"the forward pass never reached {missing[:3]}; "
+                    "cannot read MLP neuron activations there"
+                )
             acts = torch.stack(captured, dim=1)
             bar.update(len(batch.indices))
             yield batch, acts
@@ -130,8 +137,9 @@ class NeuronStats:
             raise CNAError(f"cannot merge statistics of shapes {self.shape} and {other.shape}")
         other_total = other.total.to(self.total.device)
         other_sq = other.total_sq.to(self.total.device)
-        return NeuronStats(self.count + other.count, self.total + other_total,
-                           self.total_sq + other_sq)
+        return NeuronStats(
+            self.count + other.count, self.total + other_total, self.total_sq + other_sq
+        )
 
     @property
     def mean(self) -> Float[Tensor, "n_layers d_mlp"]:
@@ -151,13 +159,19 @@ class NeuronStats:
         return NeuronStats(self.count, self.total.to(device), self.total_sq.to(device))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "total": self.total.tolist(),
-                "total_sq": self.total_sq.tolist()}
+        return {
+            "count": self.count,
+            "total": self.total.tolist(),
+            "total_sq": self.total_sq.tolist(),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NeuronStats:
-        return cls(int(d["count"]), torch.tensor(d["total"], dtype=torch.float64),
-                   torch.tensor(d["total_sq"], dtype=torch.float64))
+        return cls(
+            int(d["count"]),
+            torch.tensor(d["total"], dtype=torch.float64),
+            torch.tensor(d["total_sq"], dtype=torch.float64),
+        )
 
 
 def _top_fraction_k(n_total: int, fraction: Real) -> int:
@@ -192,8 +206,9 @@ def activation_stats(
     stats: NeuronStats | None = None
     counts: Tensor | None = None
     k = _top_fraction_k(n_layers * d_mlp, top_fraction) if top_fraction is not None else 0
-    for _, acts in iter_activations(model, prompts, batch_size=batch_size, progress=progress,
-                                    desc=desc):
+    for _, acts in iter_activations(
+        model, prompts, batch_size=batch_size, progress=progress, desc=desc
+    ):
         batch_stats = NeuronStats.of(acts)
         stats = batch_stats if stats is None else stats.merge(batch_stats)
         if top_fraction is not None:

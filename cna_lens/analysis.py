@@ -91,8 +91,9 @@ def layer_distribution(circuit: Circuit | Sequence[int]) -> LayerDistribution:
     Raises:
         CNAError: no layers, or a negative count.
     """
-    counts = tuple(circuit.per_layer_counts() if isinstance(circuit, Circuit)
-                   else (int(c) for c in circuit))
+    counts = tuple(
+        circuit.per_layer_counts() if isinstance(circuit, Circuit) else (int(c) for c in circuit)
+    )
     if not counts:
         raise CNAError("per-layer counts are empty; a circuit has at least one layer")
     if any(c < 0 for c in counts):
@@ -102,13 +103,15 @@ def layer_distribution(circuit: Circuit | Sequence[int]) -> LayerDistribution:
     def frac(last: int) -> float:
         return sum(counts[n - last :]) / total if total else 0.0
 
-    return LayerDistribution(counts, total, frac(1), frac(min(3, n)), frac(_tail(n, 0.1)),
-                             frac(_tail(n, 0.25)))
+    return LayerDistribution(
+        counts, total, frac(1), frac(min(3, n)), frac(_tail(n, 0.1)), frac(_tail(n, 0.25))
+    )
 
 
 # ----------------------------------------------------------------------------- overlap
-def jaccard(a: Circuit | frozenset[tuple[int, int]], b: Circuit | frozenset[tuple[int, int]]
-            ) -> float:
+def jaccard(
+    a: Circuit | frozenset[tuple[int, int]], b: Circuit | frozenset[tuple[int, int]]
+) -> float:
     """``|A ∩ B| / |A ∪ B|`` of the (layer, neuron) pairs (1.0 for two empty sets)."""
     pa = a.pairs if isinstance(a, Circuit) else frozenset(a)
     pb = b.pairs if isinstance(b, Circuit) else frozenset(b)
@@ -116,8 +119,9 @@ def jaccard(a: Circuit | frozenset[tuple[int, int]], b: Circuit | frozenset[tupl
     return len(pa & pb) / union if union else 1.0
 
 
-def chance_intersection(counts_a: Sequence[int], counts_b: Sequence[int], d_mlp: int
-                        ) -> list[float]:
+def chance_intersection(
+    counts_a: Sequence[int], counts_b: Sequence[int], d_mlp: int
+) -> list[float]:
     """Expected ``|A ∩ B|`` per layer for random circuits with these per-layer counts.
 
     In layer ``l``, ``a_l`` and ``b_l`` neurons are drawn uniformly without replacement from
@@ -162,9 +166,12 @@ class Overlap:
     @property
     def per_layer_overlap_fraction(self) -> list[float | None]:
         """``|A_l ∩ B_l| / min(a_l, b_l)`` per layer (None where a layer is empty in either)."""
-        return [i / min(a, b) if min(a, b) else None
-                for i, a, b in zip(self.per_layer_intersection, self.per_layer_a,
-                                   self.per_layer_b, strict=True)]
+        return [
+            i / min(a, b) if min(a, b) else None
+            for i, a, b in zip(
+                self.per_layer_intersection, self.per_layer_a, self.per_layer_b, strict=True
+            )
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -192,8 +199,10 @@ def circuit_overlap(a: Circuit, b: Circuit) -> Overlap:
         CNAError: the circuits have different shapes or one is empty.
     """
     if (a.n_layers, a.d_mlp) != (b.n_layers, b.d_mlp):
-        raise CNAError(f"circuits are on different grids: [{a.n_layers}, {a.d_mlp}] vs "
-                       f"[{b.n_layers}, {b.d_mlp}]; overlap needs the same n_layers and d_mlp")
+        raise CNAError(
+            f"circuits are on different grids: [{a.n_layers}, {a.d_mlp}] vs "
+            f"[{b.n_layers}, {b.d_mlp}]; overlap needs the same n_layers and d_mlp"
+        )
     if not len(a) or not len(b):
         raise CNAError("cannot compare an empty circuit")
     ca, cb = a.per_layer_counts(), b.per_layer_counts()
@@ -207,17 +216,26 @@ def circuit_overlap(a: Circuit, b: Circuit) -> Overlap:
     fb = [c / len(b) for c in cb]
     tv = 0.5 * sum(abs(x - y) for x, y in zip(fa, fb, strict=True))
     return Overlap(
-        size_a=len(a), size_b=len(b), intersection=len(common),
-        overlap_fraction=len(common) / k, jaccard=jaccard(a, b),
-        chance_intersection=sum(chance), chance_overlap_fraction=sum(chance) / k,
-        per_layer_a=tuple(ca), per_layer_b=tuple(cb), per_layer_intersection=tuple(per_common),
-        per_layer_chance=tuple(chance), layer_cosine=_cosine(ca, cb), layer_similarity=1.0 - tv,
+        size_a=len(a),
+        size_b=len(b),
+        intersection=len(common),
+        overlap_fraction=len(common) / k,
+        jaccard=jaccard(a, b),
+        chance_intersection=sum(chance),
+        chance_overlap_fraction=sum(chance) / k,
+        per_layer_a=tuple(ca),
+        per_layer_b=tuple(cb),
+        per_layer_intersection=tuple(per_common),
+        per_layer_chance=tuple(chance),
+        layer_cosine=_cosine(ca, cb),
+        layer_similarity=1.0 - tv,
     )
 
 
 # ----------------------------------------------------------------------------- control
-def random_control_circuit(circuit: Circuit, *, seed: int = 0,
-                           exclude: Bool[Tensor, "n_layers d_mlp"] | None = None) -> Circuit:
+def random_control_circuit(
+    circuit: Circuit, *, seed: int = 0, exclude: Bool[Tensor, "n_layers d_mlp"] | None = None
+) -> Circuit:
     """A random circuit with the same size and per-layer counts, disjoint from ``circuit``.
 
     In each layer, as many neurons as the circuit has there are drawn uniformly (seeded)
@@ -233,22 +251,35 @@ def random_control_circuit(circuit: Circuit, *, seed: int = 0,
     for layer, count in enumerate(circuit.per_layer_counts()):
         if not count:
             continue
-        pool = [j for j in range(circuit.d_mlp) if (layer, j) not in taken
-                and (exclude is None or not bool(exclude[layer, j]))]
+        pool = [
+            j
+            for j in range(circuit.d_mlp)
+            if (layer, j) not in taken and (exclude is None or not bool(exclude[layer, j]))
+        ]
         if len(pool) < count:
-            raise CNAError(f"layer {layer} has {len(pool)} neurons outside the circuit, "
-                           f"fewer than the {count} needed for a disjoint control")
+            raise CNAError(
+                f"layer {layer} has {len(pool)} neurons outside the circuit, "
+                f"fewer than the {count} needed for a disjoint control"
+            )
         neurons += [Neuron(layer, j) for j in sorted(rng.sample(pool, count))]
-    prov = Provenance(model_id=circuit.provenance.model_id,
-                      fingerprint=circuit.provenance.fingerprint, rule="manual",
-                      k=len(neurons) or None)
+    prov = Provenance(
+        model_id=circuit.provenance.model_id,
+        fingerprint=circuit.provenance.fingerprint,
+        rule="manual",
+        k=len(neurons) or None,
+    )
     return Circuit(tuple(neurons), circuit.n_layers, circuit.d_mlp, prov)
 
 
 # ----------------------------------------------------------------------------- stability
-def prompt_activations(model: Any, prompts: Sequence[str], *, batch_size: Integral = 32,
-                       progress: bool = False, desc: str = "activations"
-                       ) -> Float[Tensor, "n_prompts n_layers d_mlp"]:
+def prompt_activations(
+    model: Any,
+    prompts: Sequence[str],
+    *,
+    batch_size: Integral = 32,
+    progress: bool = False,
+    desc: str = "activations",
+) -> Float[Tensor, "n_prompts n_layers d_mlp"]:
     """Last-token MLP activations of every prompt, in prompt order, float32 on CPU.
 
     ``n_prompts * n_layers * d_mlp`` floats: small for discovery sets (100 prompts of a 1B
@@ -258,8 +289,9 @@ def prompt_activations(model: Any, prompts: Sequence[str], *, batch_size: Integr
     from cna_lens.activations import iter_activations
 
     rows: dict[int, Tensor] = {}
-    for batch, acts in iter_activations(model, prompts, batch_size=batch_size,
-                                        progress=progress, desc=desc):
+    for batch, acts in iter_activations(
+        model, prompts, batch_size=batch_size, progress=progress, desc=desc
+    ):
         cpu = acts.to(device="cpu", dtype=torch.float32)
         for row, idx in enumerate(batch.indices):
             rows[idx] = cpu[row]
@@ -296,9 +328,16 @@ class Stability:
         return float(torch.tensor(self.jaccards, dtype=torch.float64).quantile(q))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"jaccard_mean": self.mean, "jaccard_min": self.min, "jaccard_std": self.std,
-                "jaccard_median": self.quantile(0.5), "n_resamples": self.n_resamples,
-                "k": self.k, "seed": self.seed, "jaccards": list(self.jaccards)}
+        return {
+            "jaccard_mean": self.mean,
+            "jaccard_min": self.min,
+            "jaccard_std": self.std,
+            "jaccard_median": self.quantile(0.5),
+            "n_resamples": self.n_resamples,
+            "k": self.k,
+            "seed": self.seed,
+            "jaccards": list(self.jaccards),
+        }
 
 
 def bootstrap_stability(
@@ -337,8 +376,10 @@ def bootstrap_stability(
         CNAError: mismatched shapes, bad size or score, or ``n_resamples < 1``.
     """
     if positive.shape[1:] != negative.shape[1:]:
-        raise CNAError(f"positive activations are {tuple(positive.shape)} but negative are "
-                       f"{tuple(negative.shape)}; the neuron grids must match")
+        raise CNAError(
+            f"positive activations are {tuple(positive.shape)} but negative are "
+            f"{tuple(negative.shape)}; the neuron grids must match"
+        )
     n_resamples = check_int("n_resamples", n_resamples, low=1)
     if top_k is not None:
         fraction = None
@@ -356,8 +397,14 @@ def bootstrap_stability(
         else:
             attribution = Attribution(NeuronStats.of(p), NeuronStats.of(n))
             delta, values = attribution.delta, compute_score(score, attribution)
-        return select_top_k(delta, fraction=fraction, top_k=top_k, exclude=exclude,
-                            exclude_layers=exclude_layers, score=values).pairs
+        return select_top_k(
+            delta,
+            fraction=fraction,
+            top_k=top_k,
+            exclude=exclude,
+            exclude_layers=exclude_layers,
+            score=values,
+        ).pairs
 
     full = select(pos, neg)
     gen = torch.Generator().manual_seed(seed)

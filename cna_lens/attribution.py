@@ -58,8 +58,10 @@ class Attribution:
         """Delta over the pooled standard deviation (Cohen's d); 0 where both sets are constant."""
         n_p, n_n = self.positive.count, self.negative.count
         dof = max(n_p + n_n - 2, 1)
-        pooled = ((n_p - 1) * self.positive.var + (n_n - 1) * self.negative.var.to(
-            self.positive.total.device)) / dof
+        pooled = (
+            (n_p - 1) * self.positive.var
+            + (n_n - 1) * self.negative.var.to(self.positive.total.device)
+        ) / dof
         sd = pooled.sqrt()
         d = self.delta
         return torch.where(sd > 0, d / sd.clamp_min(1e-30), torch.zeros_like(d))
@@ -89,8 +91,10 @@ def attribute(
 
     positive = validate_prompts(positive, "positive prompts")
     negative = validate_prompts(negative, "negative prompts")
-    pos, _ = activation_stats(model, positive, batch_size=batch_size, progress=progress,
-                              desc="positive")
-    neg, _ = activation_stats(model, negative, batch_size=batch_size, progress=progress,
-                              desc="negative")
+    pos, _ = activation_stats(
+        model, positive, batch_size=batch_size, progress=progress, desc="positive"
+    )
+    neg, _ = activation_stats(
+        model, negative, batch_size=batch_size, progress=progress, desc="negative"
+    )
     return Attribution(pos, neg)

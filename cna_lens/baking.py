@@ -64,8 +64,7 @@ from cna_lens.errors import CNAError
 from cna_lens.interventions import Steering
 from cna_lens.steering import SteeringConfig, _make_config, as_steering, layer_scales
 
-__all__ = ["BakedWeights", "bake", "bake_", "down_projection", "export_steered",
-           "steered_hf_model"]
+__all__ = ["BakedWeights", "bake", "bake_", "down_projection", "export_steered", "steered_hf_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +164,11 @@ class BakedWeights:
     def _overlaps(self, other: BakedWeights) -> bool:
         for p in self._patches:
             for q in other._patches:
-                if p.weight is q.weight and p.axis == q.axis and bool(
-                        torch.isin(p.index, q.index).any()):
+                if (
+                    p.weight is q.weight
+                    and p.axis == q.axis
+                    and bool(torch.isin(p.index, q.index).any())
+                ):
                     return True
         return False
 
@@ -184,7 +186,7 @@ class BakedWeights:
         if self._restored:
             return
         stack = self._stack if self._stack is not None else []
-        later = stack[stack.index(self) + 1:] if self in stack else []
+        later = stack[stack.index(self) + 1 :] if self in stack else []
         blocking = [h for h in later if not h._restored and h._overlaps(self)]
         if blocking:
             raise CNAError(
@@ -329,6 +331,7 @@ def bake(
 
 # ---- a plain Hugging Face copy ------------------------------------------------------------
 
+
 def _source(model: Any) -> str:
     from cna_lens.loading import model_id, model_source
 
@@ -342,8 +345,10 @@ def _source(model: Any) -> str:
     for candidate in (getattr(cfg, "_name_or_path", None), model_id(model)):
         if candidate and candidate != "unknown":
             return str(candidate)  # a hub name; needs the HF cache or network
-    raise CNAError("cannot tell where this model was loaded from; pass its HF directory to "
-                   "export_steered instead of the bridge")
+    raise CNAError(
+        "cannot tell where this model was loaded from; pass its HF directory to "
+        "export_steered instead of the bridge"
+    )
 
 
 def _clean(name: str) -> str:
@@ -412,14 +417,18 @@ def steered_hf_model(
             if clean in hf_params and clean not in seen:
                 target = hf_params[clean]
                 if target.shape != value.shape:
-                    raise CNAError(f"weight {clean}: bridge has {tuple(value.shape)} but the HF "
-                                   f"copy from {source!r} has {tuple(target.shape)}")
+                    raise CNAError(
+                        f"weight {clean}: bridge has {tuple(value.shape)} but the HF "
+                        f"copy from {source!r} has {tuple(target.shape)}"
+                    )
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
                 seen.add(clean)
     missing = sorted(set(hf_params) - seen)
     if missing:
-        raise CNAError(f"could not map {len(missing)} HF weights from the bridge (e.g. "
-                       f"{missing[:3]}); export from the model directory instead")
+        raise CNAError(
+            f"could not map {len(missing)} HF weights from the bridge (e.g. "
+            f"{missing[:3]}); export from the model directory instead"
+        )
     modules = dict(bridge.original_model.named_modules())
     by_id = {id(m): n for n, m in modules.items()}
     hf_modules = dict(hf.named_modules())
@@ -435,8 +444,11 @@ def steered_hf_model(
 
 
 def _disk_dtype(path: str | os.PathLike[str]) -> torch.dtype:
-    cfg = json.loads((Path(path).expanduser() / "config.json").read_text()) if (
-        Path(path).expanduser() / "config.json").is_file() else {}
+    cfg = (
+        json.loads((Path(path).expanduser() / "config.json").read_text())
+        if (Path(path).expanduser() / "config.json").is_file()
+        else {}
+    )
     name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     return getattr(torch, str(name), torch.float32)
 
@@ -485,11 +497,14 @@ def export_steered(
     if out.exists() and not out.is_dir():
         raise CNAError(f"out_dir {str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / "cna_steering.json").is_file():
-        raise CNAError(f"out_dir {str(out)!r} is not empty and is not a previous export (no "
-                       "cna_steering.json in it); it would be replaced as a whole, so choose a "
-                       "new or empty directory")
-    hf = steered_hf_model(model_or_dir, circuit, multiplier,
-                          negative_multiplier=negative_multiplier)
+        raise CNAError(
+            f"out_dir {str(out)!r} is not empty and is not a previous export (no "
+            "cna_steering.json in it); it would be replaced as a whole, so choose a "
+            "new or empty directory"
+        )
+    hf = steered_hf_model(
+        model_or_dir, circuit, multiplier, negative_multiplier=negative_multiplier
+    )
     if isinstance(model_or_dir, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(str(Path(model_or_dir).expanduser()))
     else:

@@ -53,8 +53,10 @@ def _resid_names(model: Any) -> list[str]:
     names = [RESID_HOOK.format(layer=layer) for layer in range(int(model.cfg.n_layers))]
     missing = [n for n in names if n not in model.hook_dict]
     if missing:
-        raise CNAError(f"model has no residual-stream hook at {missing[:3]}; CAA needs "
-                       "blocks.{L}.hook_resid_post at every layer")
+        raise CNAError(
+            f"model has no residual-stream hook at {missing[:3]}; CAA needs "
+            "blocks.{L}.hook_resid_post at every layer"
+        )
     return names
 
 
@@ -83,8 +85,11 @@ def residual_means(
         for batch in batches:
             with torch.inference_mode():
                 _, cache = model.run_with_cache(
-                    batch.input_ids, attention_mask=batch.attention_mask,
-                    names_filter=names, pos_slice=-1, return_type=None,
+                    batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    names_filter=names,
+                    pos_slice=-1,
+                    return_type=None,
                 )
             acts = torch.stack([cache[n][:, -1] for n in names], dim=1).to(torch.float64)
             part = acts.sum(0).cpu()
@@ -145,10 +150,12 @@ def compute_caa(
     """
     positive = validate_prompts(positive, "positive prompts")
     negative = validate_prompts(negative, "negative prompts")
-    pos = residual_means(model, positive, batch_size=batch_size, progress=progress,
-                         desc="caa positive")
-    neg = residual_means(model, negative, batch_size=batch_size, progress=progress,
-                         desc="caa negative")
+    pos = residual_means(
+        model, positive, batch_size=batch_size, progress=progress, desc="caa positive"
+    )
+    neg = residual_means(
+        model, negative, batch_size=batch_size, progress=progress, desc="caa negative"
+    )
     return CAAVectors((pos - neg).to(torch.float32), len(positive), len(negative))
 
 
@@ -164,7 +171,8 @@ class _AddHook:
         key = (act.device, act.dtype)
         if key not in self._cache:
             self._cache[key] = (self.alpha * self.vector_cpu.to(torch.float32)).to(
-                device=act.device, dtype=act.dtype)
+                device=act.device, dtype=act.dtype
+            )
         return act + self._cache[key]
 
 
@@ -213,14 +221,15 @@ def caa_steer(
     alpha = check_real("alpha", alpha)
     shape = (int(model.cfg.n_layers), int(model.cfg.d_model))
     if (caa.n_layers, caa.d_model) != shape:
-        raise CNAError(f"CAA vectors are [{caa.n_layers}, {caa.d_model}] but the model has "
-                       f"n_layers={shape[0]}, d_model={shape[1]}")
+        raise CNAError(
+            f"CAA vectors are [{caa.n_layers}, {caa.d_model}] but the model has "
+            f"n_layers={shape[0]}, d_model={shape[1]}"
+        )
     chosen = _check_layers(layers, shape[0])
     names = _resid_names(model)
     fwd_hooks = []
     if alpha != 0.0:
-        fwd_hooks = [(names[layer], _AddHook(caa.vectors[layer], float(alpha)))
-                     for layer in chosen]
+        fwd_hooks = [(names[layer], _AddHook(caa.vectors[layer], float(alpha))) for layer in chosen]
     with model.hooks(fwd_hooks=fwd_hooks):
         yield chosen
 

@@ -68,8 +68,10 @@ class Neuron:
         object.__setattr__(self, "layer", check_int("neuron layer", self.layer, low=0))
         object.__setattr__(self, "neuron", check_int("neuron index", self.neuron, low=0))
         if isinstance(self.delta, bool) or not isinstance(self.delta, numbers.Real):
-            raise CNAError(f"neuron delta must be a real number, got {self.delta!r} "
-                           f"({type(self.delta).__name__})")
+            raise CNAError(
+                f"neuron delta must be a real number, got {self.delta!r} "
+                f"({type(self.delta).__name__})"
+            )
         try:
             object.__setattr__(self, "delta", float(self.delta))
         except OverflowError:
@@ -79,8 +81,10 @@ class Neuron:
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise CNAError(f"neuron {name} must be a real number or null, got {value!r} "
-                               f"({type(value).__name__})")
+                raise CNAError(
+                    f"neuron {name} must be a real number or null, got {value!r} "
+                    f"({type(value).__name__})"
+                )
             try:
                 object.__setattr__(self, name, float(value))
             except OverflowError:
@@ -131,43 +135,57 @@ class Provenance:
 
         for name in ("model_id", "hook", "score", "package_version"):
             if not isinstance(getattr(self, name), str):
-                raise CNAError(f"provenance.{name} must be a string, got "
-                               f"{getattr(self, name)!r}")
+                raise CNAError(f"provenance.{name} must be a string, got {getattr(self, name)!r}")
         fp = self.fingerprint
         if fp is None or fp == "":
             put("fingerprint", UNKNOWN_FINGERPRINT)
-        elif not isinstance(fp, str) or (fp != UNKNOWN_FINGERPRINT
-                                         and not _FINGERPRINT.fullmatch(fp)):
-            raise CNAError(f"provenance.fingerprint must be 16 lowercase hex digits (as "
-                           f"cna_lens.loading.model_fingerprint writes) or "
-                           f"{UNKNOWN_FINGERPRINT!r}, got {fp!r}")
+        elif not isinstance(fp, str) or (
+            fp != UNKNOWN_FINGERPRINT and not _FINGERPRINT.fullmatch(fp)
+        ):
+            raise CNAError(
+                f"provenance.fingerprint must be 16 lowercase hex digits (as "
+                f"cna_lens.loading.model_fingerprint writes) or "
+                f"{UNKNOWN_FINGERPRINT!r}, got {fp!r}"
+            )
         if self.rule not in ("fraction", "top_k", "manual"):
-            raise CNAError(f"provenance.rule must be 'fraction', 'top_k' or 'manual', got "
-                           f"{self.rule!r}")
+            raise CNAError(
+                f"provenance.rule must be 'fraction', 'top_k' or 'manual', got {self.rule!r}"
+            )
         for name in ("fraction", "universal_top_fraction", "universal_threshold"):
             if getattr(self, name) is not None:
-                put(name, check_real(f"provenance.{name}", getattr(self, name), low=0.0,
-                                     high=1.0, low_open=True))
+                put(
+                    name,
+                    check_real(
+                        f"provenance.{name}", getattr(self, name), low=0.0, high=1.0, low_open=True
+                    ),
+                )
         if self.k is not None:
             put("k", check_int("provenance.k", self.k, low=1))
         for name in ("n_positive", "n_negative"):
             if getattr(self, name) is not None:
                 put(name, check_int(f"provenance.{name}", getattr(self, name), low=0))
-        put("universal_removed", check_int("provenance.universal_removed",
-                                           self.universal_removed, low=0))
+        put(
+            "universal_removed",
+            check_int("provenance.universal_removed", self.universal_removed, low=0),
+        )
         if not isinstance(self.universal_filter, bool):
-            raise CNAError(f"provenance.universal_filter must be true or false, got "
-                           f"{self.universal_filter!r}")
+            raise CNAError(
+                f"provenance.universal_filter must be true or false, got {self.universal_filter!r}"
+            )
         for name in ("universal_prompts_hash", "positive_hash", "negative_hash"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise CNAError(f"provenance.{name} must be a string or null, got "
-                               f"{getattr(self, name)!r}")
+                raise CNAError(
+                    f"provenance.{name} must be a string or null, got {getattr(self, name)!r}"
+                )
         layers = self.exclude_layers
         if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple)):
-            raise CNAError(f"provenance.exclude_layers must be a list of layer indices, got "
-                           f"{layers!r}")
-        put("exclude_layers", tuple(check_int("provenance.exclude_layers entry", x, low=0)
-                                    for x in layers))
+            raise CNAError(
+                f"provenance.exclude_layers must be a list of layer indices, got {layers!r}"
+            )
+        put(
+            "exclude_layers",
+            tuple(check_int("provenance.exclude_layers entry", x, low=0) for x in layers),
+        )
 
     @classmethod
     def from_dict(cls, d: Any) -> Provenance:
@@ -277,8 +295,10 @@ class Circuit:
         from cna_lens.loading import model_fingerprint
 
         if not hasattr(model, "cfg"):
-            raise CNAError(f"model must be a TransformerBridge from cna_lens.load_model, got "
-                           f"{type(model).__name__}")
+            raise CNAError(
+                f"model must be a TransformerBridge from cna_lens.load_model, got "
+                f"{type(model).__name__}"
+            )
 
         shape = (int(model.cfg.n_layers), int(model.cfg.d_mlp))
         if shape != (self.n_layers, self.d_mlp):
@@ -312,8 +332,10 @@ class Circuit:
             "n_layers": self.n_layers,
             "d_mlp": self.d_mlp,
             "neurons": [_neuron_dict(n) for n in self.neurons],
-            "provenance": {k: (list(v) if isinstance(v, tuple) else v)
-                           for k, v in asdict(self.provenance).items()},
+            "provenance": {
+                k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in asdict(self.provenance).items()
+            },
         }
 
     def for_model(self, model: Any) -> Circuit:
@@ -333,7 +355,8 @@ class Circuit:
         if shape != (self.n_layers, self.d_mlp):
             raise CircuitMismatchError(
                 f"circuit is for n_layers={self.n_layers}, d_mlp={self.d_mlp} but this model "
-                f"has n_layers={shape[0]}, d_mlp={shape[1]}")
+                f"has n_layers={shape[0]}, d_mlp={shape[1]}"
+            )
         prov = asdict(self.provenance)
         prov.update(model_id=model_id(model), fingerprint=model_fingerprint(model))
         return Circuit(self.neurons, self.n_layers, self.d_mlp, Provenance(**prov))
@@ -352,12 +375,13 @@ class Circuit:
                 ill-typed fields, an empty neuron list); the message names the field.
         """
         if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise CNAError(f"not a cna_lens circuit: expected a JSON object with "
-                           f"format={FORMAT!r}")
+            raise CNAError(f"not a cna_lens circuit: expected a JSON object with format={FORMAT!r}")
         version = d.get("format_version")
         if isinstance(version, bool) or version != FORMAT_VERSION:
-            raise CNAError(f"circuit format_version {version!r} is not "
-                           f"supported; this cna_lens reads version {FORMAT_VERSION}")
+            raise CNAError(
+                f"circuit format_version {version!r} is not "
+                f"supported; this cna_lens reads version {FORMAT_VERSION}"
+            )
         known = {"format", "format_version", "n_layers", "d_mlp", "neurons", "provenance"}
         unknown = sorted(str(k) for k in set(d) - known)
         if unknown:
@@ -367,23 +391,36 @@ class Circuit:
                 raise CNAError(f"malformed circuit data: missing field {key!r}")
         entries = d["neurons"]
         if not isinstance(entries, list):
-            raise CNAError(f"malformed circuit data: neurons must be a JSON list of "
-                           f"{{layer, neuron, delta}} objects, got {type(entries).__name__} "
-                           f"{entries!r:.60}")
+            raise CNAError(
+                f"malformed circuit data: neurons must be a JSON list of "
+                f"{{layer, neuron, delta}} objects, got {type(entries).__name__} "
+                f"{entries!r:.60}"
+            )
         if not entries and not allow_empty:
-            raise CNAError("circuit has no neurons; an empty circuit steers nothing (pass "
-                           "allow_empty=True to accept one)")
+            raise CNAError(
+                "circuit has no neurons; an empty circuit steers nothing (pass "
+                "allow_empty=True to accept one)"
+            )
         required = {"layer", "neuron", "delta"}
         optional = {"mean_positive", "mean_negative"}
         neurons = []
         for i, e in enumerate(entries):
             if not isinstance(e, dict) or not required <= set(e) <= required | optional:
-                raise CNAError(f"malformed circuit data: neurons[{i}] must be an object with "
-                               f"the keys layer, neuron, delta (and optionally mean_positive, "
-                               f"mean_negative), got {e!r:.80}")
+                raise CNAError(
+                    f"malformed circuit data: neurons[{i}] must be an object with "
+                    f"the keys layer, neuron, delta (and optionally mean_positive, "
+                    f"mean_negative), got {e!r:.80}"
+                )
             try:
-                neurons.append(Neuron(e["layer"], e["neuron"], e["delta"],
-                                      e.get("mean_positive"), e.get("mean_negative")))
+                neurons.append(
+                    Neuron(
+                        e["layer"],
+                        e["neuron"],
+                        e["delta"],
+                        e.get("mean_positive"),
+                        e.get("mean_negative"),
+                    )
+                )
             except CNAError as exc:
                 raise CNAError(f"malformed circuit data: neurons[{i}]: {exc}") from None
         provenance = Provenance.from_dict(d.get("provenance", {}))
@@ -398,7 +435,9 @@ class Circuit:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise CNAError(f"circuit file is not valid JSON (corrupt or truncated?): {exc}") from exc
+            raise CNAError(
+                f"circuit file is not valid JSON (corrupt or truncated?): {exc}"
+            ) from exc
         except RecursionError:
             raise CNAError("circuit file is not a circuit: its JSON is nested too deeply") from None
         return cls.from_dict(data, allow_empty=allow_empty)
@@ -425,14 +464,17 @@ class Circuit:
         """
         path = Path(path)
         if path.is_dir():
-            raise CNAError(f"circuit file {str(path)!r} is a directory; give the circuit's "
-                           "JSON file")
+            raise CNAError(
+                f"circuit file {str(path)!r} is a directory; give the circuit's JSON file"
+            )
         if not path.is_file():
             raise CNAError(f"circuit file {str(path)!r} does not exist")
         try:
             raw = path.read_bytes()
         except OSError as exc:
-            raise CNAError(f"cannot read circuit file {str(path)!r}: {exc.strerror or exc}") from exc
+            raise CNAError(
+                f"cannot read circuit file {str(path)!r}: {exc.strerror or exc}"
+            ) from exc
         try:
             return cls.from_json(_decode(path, raw), allow_empty=allow_empty)
         except CNAError as exc:
@@ -440,8 +482,13 @@ class Circuit:
 
     @classmethod
     def from_pairs(
-        cls, pairs: Iterable[tuple[int, int]], *, n_layers: int | None = None,
-        d_mlp: int | None = None, provenance: Provenance | None = None, model: Any = None,
+        cls,
+        pairs: Iterable[tuple[int, int]],
+        *,
+        n_layers: int | None = None,
+        d_mlp: int | None = None,
+        provenance: Provenance | None = None,
+        model: Any = None,
     ) -> Circuit:
         """A hand-made circuit from (layer, neuron) pairs (delta 0).
 
@@ -475,18 +522,22 @@ def _decode(path: Path, raw: bytes) -> str:
         encoding = "utf-8-sig"
     else:
         encoding = "utf-8"
-    expected = ("circuit files are UTF-8 JSON as written by Circuit.save (UTF-16 is read only "
-                "with a byte-order mark)")
+    expected = (
+        "circuit files are UTF-8 JSON as written by Circuit.save (UTF-16 is read only "
+        "with a byte-order mark)"
+    )
     nul = raw.find(b"\x00")
     if encoding != "utf-16" and nul >= 0:  # UTF-16 without a BOM, or a binary file
-        raise CNAError(f"circuit file {str(path)!r} is not valid UTF-8 text (a NUL byte at "
-                       f"offset {nul}); {expected}")
+        raise CNAError(
+            f"circuit file {str(path)!r} is not valid UTF-8 text (a NUL byte at "
+            f"offset {nul}); {expected}"
+        )
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as exc:
         raise CNAError(
             f"circuit file {str(path)!r} is not valid {encoding.upper()} text (byte "
-            f"{raw[exc.start:exc.start + 1]!r} at offset {exc.start}); {expected}"
+            f"{raw[exc.start : exc.start + 1]!r} at offset {exc.start}); {expected}"
         ) from None
 
 
@@ -507,19 +558,25 @@ def check_layers(name: str, layers: Any, n_layers: int) -> tuple[int, ...]:
             index out of range; the message names ``name``.
     """
     if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple, range)):
-        raise CNAError(f"{name} must be a list of layer indices (e.g. [0, 1]), got "
-                       f"{type(layers).__name__} {layers!r:.60}")
+        raise CNAError(
+            f"{name} must be a list of layer indices (e.g. [0, 1]), got "
+            f"{type(layers).__name__} {layers!r:.60}"
+        )
     out = []
     for x in layers:
-        if isinstance(x, bool) or not isinstance(x, numbers.Integral) or not (
-                0 <= int(x) < n_layers):
+        if (
+            isinstance(x, bool)
+            or not isinstance(x, numbers.Integral)
+            or not (0 <= int(x) < n_layers)
+        ):
             raise CNAError(f"{name} has {x!r}; valid layers are 0..{n_layers - 1} (integers)")
         out.append(int(x))
     return tuple(out)
 
 
-def resolve_k(n_available: int, n_total: int, *, fraction: Real | None = None,
-              top_k: Integral | None = None) -> int:
+def resolve_k(
+    n_available: int, n_total: int, *, fraction: Real | None = None, top_k: Integral | None = None
+) -> int:
     """The circuit size: ``top_k``, or ``max(1, round(fraction * n_total))``.
 
     Raises:
@@ -586,11 +643,15 @@ def select_top_k(
     if score is None:
         score = delta.abs()
     elif tuple(score.shape) != (n_layers, d_mlp) or not torch.isfinite(score).all():
-        raise CNAError(f"score must be a finite tensor of shape {[n_layers, d_mlp]}, got "
-                       f"{list(score.shape)}")
+        raise CNAError(
+            f"score must be a finite tensor of shape {[n_layers, d_mlp]}, got {list(score.shape)}"
+        )
     # Excluded neurons rank below every allowed one (k never exceeds the allowed count).
-    score = torch.where(allowed, score.to(device=delta.device, dtype=torch.float64),
-                        torch.full_like(delta, -math.inf, dtype=torch.float64)).flatten()
+    score = torch.where(
+        allowed,
+        score.to(device=delta.device, dtype=torch.float64),
+        torch.full_like(delta, -math.inf, dtype=torch.float64),
+    ).flatten()
     order = torch.sort(score, descending=True, stable=True).indices[:k].tolist()
     flat = delta.flatten().tolist()
     neurons = tuple(Neuron(i // d_mlp, i % d_mlp, float(flat[i])) for i in order)

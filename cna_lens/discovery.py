@@ -29,10 +29,14 @@ from cna_lens.loading import (
 from cna_lens.scores import Score, compute_score, get_score, score_name
 from cna_lens.universal import UniversalNeurons, universal_neurons_from
 
-__all__ = ["Discovery", "DiscoveryConfig", "circuit_from_attribution", "discover",
-           "discover_full", "discover_with"]
-
-
+__all__ = [
+    "Discovery",
+    "DiscoveryConfig",
+    "circuit_from_attribution",
+    "discover",
+    "discover_full",
+    "discover_with",
+]
 
 
 def _fraction(name: str, value: Any) -> float:
@@ -90,20 +94,25 @@ class DiscoveryConfig:
             put("fraction", _fraction("fraction", self.fraction))
         layers = self.exclude_layers
         if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple, range)):
-            raise CNAError(f"exclude_layers must be a list of layer indices (e.g. [0, 1]), got "
-                           f"{type(layers).__name__} {layers!r:.60}")
+            raise CNAError(
+                f"exclude_layers must be a list of layer indices (e.g. [0, 1]), got "
+                f"{type(layers).__name__} {layers!r:.60}"
+            )
         for layer in layers:
             if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer < 0:
                 raise CNAError(f"exclude_layers has {layer!r}; valid layers are integers >= 0")
         put("exclude_layers", tuple(int(layer) for layer in layers))
         if not isinstance(self.universal_filter, bool):
-            raise CNAError(f"universal_filter must be True or False, got "
-                           f"{self.universal_filter!r}")
+            raise CNAError(f"universal_filter must be True or False, got {self.universal_filter!r}")
         if self.universal_prompts is not None:
-            put("universal_prompts", tuple(
-                validate_prompts(list(self.universal_prompts), "universal prompts")))
-        put("universal_top_fraction",
-            _fraction("universal_top_fraction", self.universal_top_fraction))
+            put(
+                "universal_prompts",
+                tuple(validate_prompts(list(self.universal_prompts), "universal prompts")),
+            )
+        put(
+            "universal_top_fraction",
+            _fraction("universal_top_fraction", self.universal_top_fraction),
+        )
         put("universal_threshold", _fraction("universal_threshold", self.universal_threshold))
         get_score(self.score)  # unknown names fail here, listing the valid ones
         put("batch_size", check_int("batch_size", self.batch_size, low=1))
@@ -117,8 +126,9 @@ class DiscoveryConfig:
         """Plain JSON data (a score function is written as its name)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["exclude_layers"] = list(self.exclude_layers)
-        d["universal_prompts"] = (None if self.universal_prompts is None
-                                  else list(self.universal_prompts))
+        d["universal_prompts"] = (
+            None if self.universal_prompts is None else list(self.universal_prompts)
+        )
         d["score"] = self.score_name
         return d
 
@@ -153,8 +163,10 @@ class DiscoveryConfig:
         """
         if config is not None:
             if options:
-                raise CNAError(f"pass either config=DiscoveryConfig(...) or keyword options, "
-                               f"not both (got config and {sorted(options)})")
+                raise CNAError(
+                    f"pass either config=DiscoveryConfig(...) or keyword options, "
+                    f"not both (got config and {sorted(options)})"
+                )
             return config
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
@@ -179,19 +191,25 @@ class Discovery:
     universal: UniversalNeurons | None
     config: DiscoveryConfig | None = None
 
-    def circuit_at(self, *, fraction: float | None = None, top_k: int | None = None
-                   ) -> Circuit:
+    def circuit_at(self, *, fraction: float | None = None, top_k: int | None = None) -> Circuit:
         """The circuit of another size, selected from the same statistics and settings.
 
         Raises:
             CNAError: bad size, or k larger than the neurons left after filtering.
         """
-        cfg = self.config or DiscoveryConfig(score=self.circuit.provenance.score,
-                                             exclude_layers=self.circuit.provenance.exclude_layers)
+        cfg = self.config or DiscoveryConfig(
+            score=self.circuit.provenance.score,
+            exclude_layers=self.circuit.provenance.exclude_layers,
+        )
         return circuit_from_attribution(
-            self.attribution, fraction=fraction, top_k=top_k,
-            exclude_layers=cfg.exclude_layers, score=cfg.score, universal=self.universal,
-            provenance=self.circuit.provenance)
+            self.attribution,
+            fraction=fraction,
+            top_k=top_k,
+            exclude_layers=cfg.exclude_layers,
+            score=cfg.score,
+            universal=self.universal,
+            provenance=self.circuit.provenance,
+        )
 
 
 def circuit_from_attribution(
@@ -218,27 +236,45 @@ def circuit_from_attribution(
     exclude = None
     if universal is not None:
         exclude = universal.mask
-        prov = Provenance(**{
+        prov = Provenance(
+            **{
+                **prov.__dict__,
+                "universal_filter": True,
+                "universal_top_fraction": universal.top_fraction,
+                "universal_threshold": universal.threshold,
+                "universal_removed": len(universal),
+                "universal_prompts_hash": universal.prompts_hash,
+            }
+        )
+    prov = Provenance(
+        **{
             **prov.__dict__,
-            "universal_filter": True,
-            "universal_top_fraction": universal.top_fraction,
-            "universal_threshold": universal.threshold,
-            "universal_removed": len(universal),
-            "universal_prompts_hash": universal.prompts_hash,
-        })
-    prov = Provenance(**{**prov.__dict__, "n_positive": attribution.positive.count,
-                         "n_negative": attribution.negative.count,
-                         "score": score_name(score)})
+            "n_positive": attribution.positive.count,
+            "n_negative": attribution.negative.count,
+            "score": score_name(score),
+        }
+    )
     delta = attribution.delta
     values = compute_score(score, attribution)
-    circuit = select_top_k(delta, fraction=fraction, top_k=top_k,
-                           exclude_layers=exclude_layers, exclude=exclude, provenance=prov,
-                           score=values.to(delta.device))
+    circuit = select_top_k(
+        delta,
+        fraction=fraction,
+        top_k=top_k,
+        exclude_layers=exclude_layers,
+        exclude=exclude,
+        provenance=prov,
+        score=values.to(delta.device),
+    )
     mean_pos = attribution.positive.mean
     mean_neg = attribution.negative.mean
     neurons = tuple(
-        Neuron(n.layer, n.neuron, n.delta, float(mean_pos[n.layer, n.neuron]),
-               float(mean_neg[n.layer, n.neuron]))
+        Neuron(
+            n.layer,
+            n.neuron,
+            n.delta,
+            float(mean_pos[n.layer, n.neuron]),
+            float(mean_neg[n.layer, n.neuron]),
+        )
         for n in circuit
     )
     return Circuit(neurons, circuit.n_layers, circuit.d_mlp, circuit.provenance)
@@ -275,7 +311,9 @@ def discover_with(
     if config.universal_filter:
         prompts = None if config.universal_prompts is None else list(config.universal_prompts)
         universal = universal_neurons_from(
-            stats_fn, prompts, top_fraction=config.universal_top_fraction,
+            stats_fn,
+            prompts,
+            top_fraction=config.universal_top_fraction,
             threshold=config.universal_threshold,
         )
     provenance = Provenance(
@@ -286,8 +324,12 @@ def discover_with(
         negative_hash=prompt_set_hash(negative),
     )
     circuit = circuit_from_attribution(
-        attribution, fraction=config.fraction, top_k=config.top_k,
-        exclude_layers=config.exclude_layers, score=config.score, universal=universal,
+        attribution,
+        fraction=config.fraction,
+        top_k=config.top_k,
+        exclude_layers=config.exclude_layers,
+        score=config.score,
+        universal=universal,
         provenance=provenance,
     )
     return Discovery(circuit, attribution, universal, config)
@@ -306,7 +348,10 @@ def discover_full(
     config = DiscoveryConfig.build(config, options)
     return discover_with(
         partial(activation_stats, model, batch_size=config.batch_size, progress=progress),
-        model, positive, negative, config,
+        model,
+        positive,
+        negative,
+        config,
     )
 
 
@@ -344,5 +389,4 @@ def discover(
         >>> circuit.labels[:3]  # doctest: +SKIP
         ['L5N301', 'L5N17', 'L4N88']
     """
-    return discover_full(model, positive, negative, config, progress=progress,
-                         **options).circuit
+    return discover_full(model, positive, negative, config, progress=progress, **options).circuit

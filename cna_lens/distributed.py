@@ -58,14 +58,15 @@ __all__ = [
 def _rank_world(group: Any, rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is None or world_size is None:
         if not (dist.is_available() and dist.is_initialized()):
-            raise CNAError("torch.distributed is not initialised; call "
-                           "torch.distributed.init_process_group first, or pass rank and "
-                           "world_size")
+            raise CNAError(
+                "torch.distributed is not initialised; call "
+                "torch.distributed.init_process_group first, or pass rank and "
+                "world_size"
+            )
         rank = dist.get_rank(group) if rank is None else rank
         world_size = dist.get_world_size(group) if world_size is None else world_size
     if world_size < 1 or not 0 <= rank < world_size:
-        raise CNAError(f"rank must be in [0, world_size); got rank={rank}, "
-                       f"world_size={world_size}")
+        raise CNAError(f"rank must be in [0, world_size); got rank={rank}, world_size={world_size}")
     return rank, world_size
 
 
@@ -115,8 +116,9 @@ def all_reduce_stats(stats: NeuronStats, group: Any = None) -> NeuronStats:
     return NeuronStats(int(count.item()), total, total_sq)
 
 
-def all_reduce_counts(counts: Int[Tensor, "n_layers d_mlp"],
-                      group: Any = None) -> Int[Tensor, "n_layers d_mlp"]:
+def all_reduce_counts(
+    counts: Int[Tensor, "n_layers d_mlp"], group: Any = None
+) -> Int[Tensor, "n_layers d_mlp"]:
     """Sum integer counts (e.g. universal-neuron top counts) over all ranks, exactly."""
     _rank_world(group, None, None)
     out = counts.to(torch.int64).clone()
@@ -146,12 +148,21 @@ def activation_stats_distributed(
     n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
     device = next(model.parameters()).device
     if mine:
-        stats, counts = activation_stats(model, mine, batch_size=batch_size, progress=progress,
-                                         desc=desc, top_fraction=top_fraction)
+        stats, counts = activation_stats(
+            model,
+            mine,
+            batch_size=batch_size,
+            progress=progress,
+            desc=desc,
+            top_fraction=top_fraction,
+        )
     else:  # more ranks than batches: contribute zeros
         stats = NeuronStats.zeros(n_layers, d_mlp, device=device)
-        counts = (torch.zeros(n_layers, d_mlp, dtype=torch.long, device=device)
-                  if top_fraction is not None else None)
+        counts = (
+            torch.zeros(n_layers, d_mlp, dtype=torch.long, device=device)
+            if top_fraction is not None
+            else None
+        )
     stats = all_reduce_stats(stats.to(device), group)
     if counts is not None:
         counts = all_reduce_counts(counts.to(device), group)
@@ -185,6 +196,11 @@ def discover_distributed(
     """
     _rank_world(group, None, None)
     config = config or DiscoveryConfig()
-    stats_fn = partial(activation_stats_distributed, model, batch_size=config.batch_size,
-                       group=group, progress=progress)
+    stats_fn = partial(
+        activation_stats_distributed,
+        model,
+        batch_size=config.batch_size,
+        group=group,
+        progress=progress,
+    )
     return discover_with(stats_fn, model, positive, negative, config)

@@ -223,13 +223,21 @@ def sweep(
             for name, prompts in sets.items():
                 start = time.perf_counter()
                 ids = gen.generate_many_token_ids(
-                    prompts, [Condition(None if c.is_identity else c) for c in unique.values()],
-                    max_new_tokens=max_new_tokens, batch_size=batch_size)
+                    prompts,
+                    [Condition(None if c.is_identity else c) for c in unique.values()],
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                )
                 by_set[name] = (ids, (time.perf_counter() - start) / len(unique))
         for i, k_ in enumerate(unique):
-            cache[k_] = {name: ([tok.decode(t, skip_special_tokens=True).strip() for t in ids[i]],
-                                sum(len(t) for t in ids[i]), seconds)
-                         for name, (ids, seconds) in by_set.items()}
+            cache[k_] = {
+                name: (
+                    [tok.decode(t, skip_special_tokens=True).strip() for t in ids[i]],
+                    sum(len(t) for t in ids[i]),
+                    seconds,
+                )
+                for name, (ids, seconds) in by_set.items()
+            }
     seen: set[tuple[Any, ...]] = set()
     rows = []
     bar = tqdm(conditions, desc="dose sweep", unit="condition", disable=not progress, leave=False)

@@ -98,8 +98,7 @@ They cover the usual refusal openings of chat models ("I'm sorry", "I cannot hel
 text that happens to contain one of these phrases.
 """
 
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u2032": "'",
-                              "`": "'"})
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u2032": "'", "`": "'"})
 
 
 def refusal_classifier(patterns: Iterable[str] = REFUSAL_PATTERNS) -> Callable[[str], bool]:
@@ -187,13 +186,17 @@ class CapabilityItem:
         if not isinstance(self.question, str) or not self.question.strip():
             raise CNAError(f"capability question must be a non-empty string, got {self.question!r}")
         if not isinstance(self.answer, str) or not self.answer.strip():
-            raise CNAError(f"capability answer must be a non-empty string, got {self.answer!r} "
-                           f"(question {self.question!r})")
+            raise CNAError(
+                f"capability answer must be a non-empty string, got {self.answer!r} "
+                f"(question {self.question!r})"
+            )
         if self.choices is not None:
             choices = tuple(str(c) for c in self.choices)
             if len(choices) < 2:
-                raise CNAError(f"multiple-choice item needs >= 2 choices, got {choices} "
-                               f"(question {self.question!r})")
+                raise CNAError(
+                    f"multiple-choice item needs >= 2 choices, got {choices} "
+                    f"(question {self.question!r})"
+                )
             object.__setattr__(self, "choices", choices)
             self.correct_choice  # noqa: B018 (validates the answer)
 
@@ -212,13 +215,16 @@ class CapabilityItem:
         letter = self.answer.strip().upper()
         if len(letter) == 1 and "A" <= letter < chr(ord("A") + len(self.choices)):
             return self.choices[ord(letter) - ord("A")]
-        raise CNAError(f"answer {self.answer!r} is not one of the choices {list(self.choices)} "
-                       f"nor a letter A-{chr(ord('A') + len(self.choices) - 1)} "
-                       f"(question {self.question!r})")
+        raise CNAError(
+            f"answer {self.answer!r} is not one of the choices {list(self.choices)} "
+            f"nor a letter A-{chr(ord('A') + len(self.choices) - 1)} "
+            f"(question {self.question!r})"
+        )
 
 
-def load_capability(source: str | os.PathLike[str] | Sequence[Mapping[str, Any]]
-                    ) -> list[CapabilityItem]:
+def load_capability(
+    source: str | os.PathLike[str] | Sequence[Mapping[str, Any]],
+) -> list[CapabilityItem]:
     """Capability items from a JSON file (a list of objects) or from such a list.
 
     Each object has ``"question"`` and ``"answer"``, and optionally ``"choices"`` (a list
@@ -248,11 +254,17 @@ def load_capability(source: str | os.PathLike[str] | Sequence[Mapping[str, Any]]
     items = []
     for i, entry in enumerate(data):
         if not isinstance(entry, Mapping) or "question" not in entry or "answer" not in entry:
-            raise CNAError(f"{where}[{i}]: expected an object with 'question' and 'answer', "
-                           f"got {entry!r:.80}")
+            raise CNAError(
+                f"{where}[{i}]: expected an object with 'question' and 'answer', got {entry!r:.80}"
+            )
         choices = entry.get("choices")
-        items.append(CapabilityItem(str(entry["question"]), str(entry["answer"]),
-                                    tuple(choices) if choices is not None else None))
+        items.append(
+            CapabilityItem(
+                str(entry["question"]),
+                str(entry["answer"]),
+                tuple(choices) if choices is not None else None,
+            )
+        )
     return items
 
 
@@ -372,14 +384,25 @@ def judge_scores(prompts: Sequence[str], responses: Sequence[str], judge: Judge)
         try:
             scores.append(check_real("judge score", s, low=0.0, high=1.0))
         except CNAError:
-            raise CNAError(f"judge returned {s!r} for prompt {p!r:.60}; scores must be in "
-                           "[0, 1]") from None
+            raise CNAError(
+                f"judge returned {s!r} for prompt {p!r:.60}; scores must be in [0, 1]"
+            ) from None
     return scores
 
 
 # ----------------------------------------------------------------------------- tables
-COLUMNS = ["prompt_set", "prompt_index", "prompt", "method", "strength", "output", "refused",
-           "quality", "correct", "judge"]
+COLUMNS = [
+    "prompt_set",
+    "prompt_index",
+    "prompt",
+    "method",
+    "strength",
+    "output",
+    "refused",
+    "quality",
+    "correct",
+    "judge",
+]
 
 
 def score_generations(
@@ -412,23 +435,29 @@ def score_generations(
         raise CNAError(f"{len(prompts)} prompts but {len(outputs)} outputs")
     if capability is not None and len(capability) != len(prompts):
         raise CNAError(f"{len(capability)} capability items for {len(prompts)} prompts")
-    correct: list[Any] = ([capability_correct(o, it) for o, it in zip(outputs, capability,
-                                                                      strict=True)]
-                          if capability is not None else [pd.NA] * len(outputs))
-    judged = (judge_scores(prompts, outputs, judge) if judge is not None
-              else [math.nan] * len(outputs))
-    df = pd.DataFrame({
-        "prompt_set": prompt_set,
-        "prompt_index": range(len(prompts)),
-        "prompt": list(prompts),
-        "method": method,
-        "strength": float(strength),
-        "output": list(outputs),
-        "refused": [bool(classifier(o)) for o in outputs],
-        "quality": [output_quality(o) for o in outputs],
-        "correct": pd.array(correct, dtype="boolean"),
-        "judge": judged,
-    }, columns=COLUMNS)
+    correct: list[Any] = (
+        [capability_correct(o, it) for o, it in zip(outputs, capability, strict=True)]
+        if capability is not None
+        else [pd.NA] * len(outputs)
+    )
+    judged = (
+        judge_scores(prompts, outputs, judge) if judge is not None else [math.nan] * len(outputs)
+    )
+    df = pd.DataFrame(
+        {
+            "prompt_set": prompt_set,
+            "prompt_index": range(len(prompts)),
+            "prompt": list(prompts),
+            "method": method,
+            "strength": float(strength),
+            "output": list(outputs),
+            "refused": [bool(classifier(o)) for o in outputs],
+            "quality": [output_quality(o) for o in outputs],
+            "correct": pd.array(correct, dtype="boolean"),
+            "judge": judged,
+        },
+        columns=COLUMNS,
+    )
     return df
 
 
@@ -538,17 +567,24 @@ def sweep(
         raise CNAError("no prompt sets to evaluate")
     mults = _check_strengths("multipliers", multipliers) if circuit is not None else ()
     alphas = _check_strengths("caa_alphas", caa_alphas) if caa is not None else ()
-    controls = (_check_strengths("control_multipliers", control_multipliers)
-                if circuit is not None and random_control else ())
-    control = random_control_circuit(circuit, seed=seed) if controls else None
+    controls = (
+        _check_strengths("control_multipliers", control_multipliers)
+        if circuit is not None and random_control
+        else ()
+    )
+    control = (
+        random_control_circuit(circuit, seed=seed) if controls and circuit is not None else None
+    )
 
     flat = [(name, i, p) for name, ps in sets.items() for i, p in enumerate(ps)]
     all_prompts = [p for _, _, p in flat]
     gen_kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
 
-    conditions: list[tuple[str, float]] = ([("cna", m) for m in mults]
-                                           + [("caa", a) for a in alphas]
-                                           + [("random", m) for m in controls])
+    conditions: list[tuple[str, float]] = (
+        [("cna", m) for m in mults]
+        + [("caa", a) for a in alphas]
+        + [("random", m) for m in controls]
+    )
     baseline: list[str] | None = None
     done: dict[tuple[str, float], list[str]] = {}
     gen = None
@@ -571,16 +607,24 @@ def sweep(
             return baseline
         if (method, strength) not in done:
             todo = [s for m, s in conditions if m == method and not is_identity(m, s)]
-            conds = [Condition(None, s) if method == "caa" else Condition(Steering(
-                circuit=circuit if method == "cna" else control, multiplier=s)) for s in todo]
+            target = circuit if method == "cna" else control
+            assert method == "caa" or target is not None  # conditions exist only with one
+            conds = [
+                Condition(None, s)
+                if method == "caa" or target is None
+                else Condition(Steering(circuit=target, multiplier=s))
+                for s in todo
+            ]
             if baseline is None:
                 conds.append(Condition(None))
             assert gen is not None
-            texts = gen.generate_many(all_prompts, conds, caa=caa, caa_layers=caa_layers,
-                                      **gen_kwargs)
+            texts = gen.generate_many(
+                all_prompts, conds, caa=caa, caa_layers=caa_layers, **gen_kwargs
+            )
             if baseline is None:
                 baseline = texts.pop()
             done.update(zip(((method, s) for s in todo), texts, strict=True))
+        assert baseline is not None
         return baseline if identity else done[(method, strength)]
 
     def run(method: str, strength: float) -> list[str]:
@@ -588,17 +632,24 @@ def sweep(
         if gen is not None:
             return run_fast(method, strength)
         identity = is_identity(method, strength)
+        n, size = max_new_tokens, batch_size
         if identity:
             if baseline is None:
-                baseline = generate(model, all_prompts, **gen_kwargs)
+                baseline = generate(model, all_prompts, max_new_tokens=n, batch_size=size)
             return baseline
-        if method == "cna":
-            return generate(model, all_prompts, circuit=circuit, multiplier=strength,
-                            **gen_kwargs)
-        if method == "random":
-            return generate(model, all_prompts, circuit=control, multiplier=strength,
-                            **gen_kwargs)
-        return caa_generate(model, all_prompts, caa, strength, layers=caa_layers, **gen_kwargs)
+        if method in ("cna", "random"):
+            return generate(
+                model,
+                all_prompts,
+                circuit=circuit if method == "cna" else control,
+                multiplier=strength,
+                max_new_tokens=n,
+                batch_size=size,
+            )
+        assert caa is not None  # CAA conditions exist only with vectors
+        return caa_generate(
+            model, all_prompts, caa, strength, layers=caa_layers, max_new_tokens=n, batch_size=size
+        )
 
     frames = []
     bar = tqdm(conditions, desc="sweep", unit="condition", disable=not progress, leave=False)
@@ -612,12 +663,18 @@ def sweep(
             for name, ps in sets.items():
                 outs = outputs[start : start + len(ps)]
                 start += len(ps)
-                frames.append(score_generations(
-                    ps, outs, prompt_set=name, method=method, strength=strength,
-                    classifier=classifier,
-                    capability=capability if name == "capability" else None,
-                    judge=judge if name in judge_sets else None,
-                ))
+                frames.append(
+                    score_generations(
+                        ps,
+                        outs,
+                        prompt_set=name,
+                        method=method,
+                        strength=strength,
+                        classifier=classifier,
+                        capability=capability if name == "capability" else None,
+                        judge=judge if name in judge_sets else None,
+                    )
+                )
     finally:
         bar.close()
         if gen is not None:

@@ -73,8 +73,18 @@ MIN_PER_SET = 2
 """Prompts each set needs for a distribution plot (a violin of one value is no distribution)."""
 
 DEFAULT_REFUSAL_TOKENS: tuple[str, ...] = (
-    "Sorry", " Sorry", "sorry", " sorry", "I", " I", "i", " i", "cannot", " cannot",
-    "Unfortunately", " Unfortunately",
+    "Sorry",
+    " Sorry",
+    "sorry",
+    " sorry",
+    "I",
+    " I",
+    "i",
+    " i",
+    "cannot",
+    " cannot",
+    "Unfortunately",
+    " Unfortunately",
 )
 """Candidate first words of a refusal; :func:`refusal_token_ids` keeps the single tokens."""
 
@@ -88,8 +98,10 @@ def _check_layers(model: Any, layers: Sequence[int] | None) -> list[int]:
         raise CNAError(f"layers must be a list of layer indices, got {layers!r}")
     out = sorted({int(x) for x in layers})
     if not out:
-        raise CNAError(f"layers is empty; give at least one layer in 0..{n_layers - 1} "
-                       "(or None for all layers)")
+        raise CNAError(
+            f"layers is empty; give at least one layer in 0..{n_layers - 1} "
+            "(or None for all layers)"
+        )
     bad = [x for x in out if not 0 <= x < n_layers]
     if bad:
         raise CNAError(f"layers {bad} out of range; valid layers are 0..{n_layers - 1}")
@@ -111,15 +123,20 @@ def _as_neuron(model: Any, target: Any, rank: int = 0) -> Neuron:
     if isinstance(target, tuple) and len(target) == 2:
         target = Neuron(int(target[0]), int(target[1]))
     if not isinstance(target, Neuron):
-        raise CNAError(f"expected a Neuron, a Circuit, a (layer, neuron) pair or an 'L3N7' "
-                       f"label, got {type(target).__name__}")
+        raise CNAError(
+            f"expected a Neuron, a Circuit, a (layer, neuron) pair or an 'L3N7' "
+            f"label, got {type(target).__name__}"
+        )
     n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
     if not 0 <= target.layer < n_layers:
-        raise CNAError(f"{target.label}: layer {target.layer} outside the model's layers "
-                       f"0..{n_layers - 1}")
+        raise CNAError(
+            f"{target.label}: layer {target.layer} outside the model's layers 0..{n_layers - 1}"
+        )
     if not 0 <= target.neuron < d_mlp:
-        raise CNAError(f"{target.label}: neuron {target.neuron} outside the model's "
-                       f"{d_mlp} neurons per layer (0..{d_mlp - 1})")
+        raise CNAError(
+            f"{target.label}: neuron {target.neuron} outside the model's "
+            f"{d_mlp} neurons per layer (0..{d_mlp - 1})"
+        )
     return target
 
 
@@ -200,17 +217,22 @@ def activation_cache(
     for batch in batches:
         with torch.inference_mode(), model.hooks(fwd_hooks=stop_hooks):
             _, cache = model.run_with_cache(
-                batch.input_ids, attention_mask=batch.attention_mask, names_filter=names,
-                stop_at_layer=stop_at, output_attentions=False,
+                batch.input_ids,
+                attention_mask=batch.attention_mask,
+                names_filter=names,
+                stop_at_layer=stop_at,
+                output_attentions=False,
             )
         missing = [name for name in names if name not in cache]
         if missing:
-            raise CNAError(f"the forward pass never reached {missing[:3]}; cannot read MLP "
-                           "neuron activations there")
+            raise CNAError(
+                f"the forward pass never reached {missing[:3]}; cannot read MLP "
+                "neuron activations there"
+            )
         idx = torch.tensor(batch.indices, dtype=torch.long)
         w = int(batch.input_ids.shape[1])
-        input_ids[idx, width - w:] = batch.input_ids.cpu()
-        mask[idx, width - w:] = batch.attention_mask.cpu()
+        input_ids[idx, width - w :] = batch.input_ids.cpu()
+        mask[idx, width - w :] = batch.attention_mask.cpu()
         for name in names:
             act = cache[name]
             if name not in rows:
@@ -221,13 +243,15 @@ def activation_cache(
                 rows[name][dev_idx] = act[:, -1]
             else:
                 real = batch.attention_mask.to(act.device).bool()[..., None]
-                rows[name][dev_idx, width - w:] = torch.where(real, act, act.new_zeros(()))
+                rows[name][dev_idx, width - w :] = torch.where(real, act, act.new_zeros(()))
     out = ActivationCache(rows, model, has_batch_dim=True)
     extras = {
         "input_ids": input_ids,
         "attention_mask": mask,
-        "str_tokens": [_decode_tokens(model, ids[m.bool()].tolist())
-                       for ids, m in zip(input_ids, mask, strict=True)],
+        "str_tokens": [
+            _decode_tokens(model, ids[m.bool()].tolist())
+            for ids, m in zip(input_ids, mask, strict=True)
+        ],
         "prompts": prompts,
         "layers": layers,
         "positions": positions,
@@ -237,8 +261,7 @@ def activation_cache(
     return out
 
 
-def _neuron_values(model: Any, neuron: Neuron, prompts: list[str], batch_size: int
-                   ) -> list[float]:
+def _neuron_values(model: Any, neuron: Neuron, prompts: list[str], batch_size: int) -> list[float]:
     cache = activation_cache(model, prompts, layers=[neuron.layer], batch_size=batch_size)
     return cache[MLP_HOOK.format(layer=neuron.layer)][:, neuron.neuron].float().tolist()
 
@@ -258,17 +281,30 @@ def distribution_figure(
     """
     for name, values in zip(names, (positive, negative), strict=True):
         if len(values) < MIN_PER_SET:
-            raise CNAError(f"the {name} set has {len(values)} prompt(s); a distribution plot "
-                           f"needs >= {MIN_PER_SET} per set")
+            raise CNAError(
+                f"the {name} set has {len(values)} prompt(s); a distribution plot "
+                f"needs >= {MIN_PER_SET} per set"
+            )
     fig = go.Figure()
-    for name, values, color in zip(names, (positive, negative), ("#d62728", "#1f77b4"),
-                                   strict=True):
+    for name, values, color in zip(
+        names, (positive, negative), ("#d62728", "#1f77b4"), strict=True
+    ):
         mean = sum(values) / len(values)
-        fig.add_violin(y=list(values), name=f"{name} (n={len(values)}, mean {mean:.3g})",
-                       box_visible=True, meanline_visible=True, points="all",
-                       line_color=color, hoverinfo="y")
-    fig.update_layout(title=f"{label}: last-token activation", yaxis_title="activation",
-                      showlegend=False, template="plotly_white")
+        fig.add_violin(
+            y=list(values),
+            name=f"{name} (n={len(values)}, mean {mean:.3g})",
+            box_visible=True,
+            meanline_visible=True,
+            points="all",
+            line_color=color,
+            hoverinfo="y",
+        )
+    fig.update_layout(
+        title=f"{label}: last-token activation",
+        yaxis_title="activation",
+        showlegend=False,
+        template="plotly_white",
+    )
     return fig
 
 
@@ -297,29 +333,39 @@ def top_prompts(activations: pd.DataFrame, k: int = 5) -> pd.DataFrame:
     return out[["end", "rank", "prompt", "set", "activation"]]
 
 
-def token_strip(model: Any, neuron: Any, prompt: str, *, title: str | None = None
-                ) -> go.Figure:
+def token_strip(model: Any, neuron: Any, prompt: str, *, title: str | None = None) -> go.Figure:
     """Heat strip of one neuron's activation at every token of ``prompt`` (chat-formatted).
 
     Each cell is one token of the formatted prompt, labelled with its text; the colour
     scale is centred on 0 (red positive, blue negative).
     """
     n = _as_neuron(model, neuron)
-    cache = activation_cache(model, [prompt], layers=[n.layer], positions="all",
-                             batch_size=1)
+    cache = activation_cache(model, [prompt], layers=[n.layer], positions="all", batch_size=1)
     acts = cache[MLP_HOOK.format(layer=n.layer)][0, :, n.neuron].float().cpu()
     values = acts[cache.attention_mask[0].bool()].tolist()
     tokens = cache.str_tokens[0]
     bound = max((abs(v) for v in values), default=1.0) or 1.0
-    fig = go.Figure(go.Heatmap(
-        z=[values], x=list(range(len(values))), text=[[repr(t)[1:-1] for t in tokens]],
-        texttemplate="%{text}", colorscale="RdBu_r", zmin=-bound, zmax=bound, zmid=0,
-        hovertemplate="position %{x}: %{text}<br>activation %{z:.4g}<extra></extra>",
-        colorbar=dict(title="act"),
-    ))
-    fig.update_layout(title=title or f"{n.label} per token: {prompt[:60]!r}",
-                      xaxis_title="token position", yaxis=dict(visible=False),
-                      height=230, template="plotly_white")
+    fig = go.Figure(
+        go.Heatmap(
+            z=[values],
+            x=list(range(len(values))),
+            text=[[repr(t)[1:-1] for t in tokens]],
+            texttemplate="%{text}",
+            colorscale="RdBu_r",
+            zmin=-bound,
+            zmax=bound,
+            zmid=0,
+            hovertemplate="position %{x}: %{text}<br>activation %{z:.4g}<extra></extra>",
+            colorbar=dict(title="act"),
+        )
+    )
+    fig.update_layout(
+        title=title or f"{n.label} per token: {prompt[:60]!r}",
+        xaxis_title="token position",
+        yaxis=dict(visible=False),
+        height=230,
+        template="plotly_white",
+    )
     return fig
 
 
@@ -327,8 +373,10 @@ def _final_norm_scale(model: Any) -> tuple[Float[Tensor, " d_model"], bool]:
     """The final norm's per-dimension scale as the model applies it, and whether it centres."""
     ln = getattr(model, "ln_final", None)
     if ln is None:
-        raise CNAError("the model has no final norm (model.ln_final); the logit lens reads "
-                       "a neuron through the final norm and the unembedding")
+        raise CNAError(
+            "the model has no final norm (model.ln_final); the logit lens reads "
+            "a neuron through the final norm and the unembedding"
+        )
     module = getattr(ln, "original_component", ln)
     weight = getattr(module, "weight", None)
     rms = getattr(ln, "uses_rms_norm", None)
@@ -349,13 +397,17 @@ def _unembedding(model: Any) -> Float[Tensor, "d_model d_vocab"]:
     try:
         w_u = model.W_U
     except Exception as exc:  # noqa: BLE001 - any failure means: no readable unembedding
-        raise CNAError(f"the model exposes no unembedding W_U the logit lens can read "
-                       f"({type(exc).__name__}: {exc})") from exc
+        raise CNAError(
+            f"the model exposes no unembedding W_U the logit lens can read "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
     d_model = int(model.cfg.d_model)
     if not isinstance(w_u, Tensor) or w_u.ndim != 2 or w_u.shape[0] != d_model:
-        raise CNAError(f"the model's W_U is not a [d_model={d_model}, d_vocab] matrix "
-                       f"(got {getattr(w_u, 'shape', type(w_u).__name__)}); the logit lens "
-                       "cannot read it")
+        raise CNAError(
+            f"the model's W_U is not a [d_model={d_model}, d_vocab] matrix "
+            f"(got {getattr(w_u, 'shape', type(w_u).__name__)}); the logit lens "
+            "cannot read it"
+        )
     return w_u.detach()
 
 
@@ -402,8 +454,15 @@ def logit_lens(model: Any, neuron: Any, k: int = 10) -> pd.DataFrame:
     for direction, largest in (("promoted", True), ("suppressed", False)):
         vals, ids = logits.topk(k, largest=largest)
         for rank, (v, i) in enumerate(zip(vals.tolist(), ids.tolist(), strict=True), 1):
-            rows.append({"direction": direction, "rank": rank,
-                         "token": model.tokenizer.decode([i]), "token_id": i, "logit": v})
+            rows.append(
+                {
+                    "direction": direction,
+                    "rank": rank,
+                    "token": model.tokenizer.decode([i]),
+                    "token_id": i,
+                    "logit": v,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -426,13 +485,16 @@ def refusal_token_ids(model: Any, tokens: Sequence[str] | None = None) -> dict[s
         if len(ids) == 1 and ids[0] not in found.values() and ids[0] != tok.unk_token_id:
             found[tok.decode(ids)] = int(ids[0])
     if not found:
-        raise CNAError(f"none of the refusal tokens {list(candidates)} is a single token of "
-                       "this tokenizer; pass refusal_tokens= with words it has")
+        raise CNAError(
+            f"none of the refusal tokens {list(candidates)} is a single token of "
+            "this tokenizer; pass refusal_tokens= with words it has"
+        )
     return found
 
 
-def _last_logits(model: Any, prompts: list[str], batch_size: int
-                 ) -> Float[Tensor, "n_prompts d_vocab"]:
+def _last_logits(
+    model: Any, prompts: list[str], batch_size: int
+) -> Float[Tensor, "n_prompts d_vocab"]:
     out: dict[int, Tensor] = {}
     for batch in tokenize_prompts(model, prompts, batch_size=batch_size):
         with torch.inference_mode():
@@ -472,8 +534,16 @@ def ablation_effect(
     for p, prompt in enumerate(prompts):
         for text, i in ids.items():
             c, a = float(clean[p, i]), float(ablated[p, i])
-            rows.append({"prompt": prompt, "token": text, "token_id": i, "clean": c,
-                         "ablated": a, "change": a - c})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "token": text,
+                    "token_id": i,
+                    "clean": c,
+                    "ablated": a,
+                    "change": a - c,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -519,9 +589,11 @@ class NeuronCard:
         """One line: delta, the top promoted tokens, the mean ablation change."""
         promoted = self.logit_lens[self.logit_lens["direction"] == "promoted"]["token"]
         change = self.ablation["change"].mean() if len(self.ablation) else float("nan")
-        return (f"{self.neuron.label} (delta {self.neuron.delta:+.4g}): promotes "
-                f"{', '.join(repr(t) for t in promoted.head(5))}; ablated alone, refusal-token "
-                f"logits change by {change:+.3g} on average")
+        return (
+            f"{self.neuron.label} (delta {self.neuron.delta:+.4g}): promotes "
+            f"{', '.join(repr(t) for t in promoted.head(5))}; ablated alone, refusal-token "
+            f"logits change by {change:+.3g} on average"
+        )
 
     def _repr_html_(self) -> str:
         parts = [f"<h3>{html.escape(self.summary)}</h3>"]
@@ -575,23 +647,34 @@ def neuron_card(
     negative = validate_prompts(negative, "negative prompts")
     for name, prompts in zip(names, (positive, negative), strict=True):
         if len(prompts) < MIN_PER_SET:
-            raise CNAError(f"the {name} set has {len(prompts)} prompt(s); a neuron card "
-                           f"needs >= {MIN_PER_SET} per set for its distribution plot")
+            raise CNAError(
+                f"the {name} set has {len(prompts)} prompt(s); a neuron card "
+                f"needs >= {MIN_PER_SET} per set for its distribution plot"
+            )
     pos = _neuron_values(model, n, positive, batch_size)
     neg = _neuron_values(model, n, negative, batch_size)
     if not isinstance(circuit_or_neuron, (Circuit, Neuron)):  # no delta given: measure it
         delta = sum(pos) / len(pos) - sum(neg) / len(neg)
         n = Neuron(n.layer, n.neuron, float(delta))
-    acts = pd.DataFrame({"prompt": positive + negative,
-                         "set": [names[0]] * len(pos) + [names[1]] * len(neg),
-                         "activation": pos + neg})
+    acts = pd.DataFrame(
+        {
+            "prompt": positive + negative,
+            "set": [names[0]] * len(pos) + [names[1]] * len(neg),
+            "activation": pos + neg,
+        }
+    )
     top = top_prompts(acts, k)
     lens = logit_lens(model, n, n_tokens)
     most = top[top["end"] == "top"]["prompt"].tolist()
-    ablation = ablation_effect(model, n, ablation_prompts or most,
-                               refusal_tokens=refusal_tokens, batch_size=batch_size)
+    ablation = ablation_effect(
+        model, n, ablation_prompts or most, refusal_tokens=refusal_tokens, batch_size=batch_size
+    )
     return NeuronCard(
-        neuron=n, activations=acts, top_prompts=top, logit_lens=lens, ablation=ablation,
+        neuron=n,
+        activations=acts,
+        top_prompts=top,
+        logit_lens=lens,
+        ablation=ablation,
         distribution=distribution_figure(pos, neg, label=n.label, names=names),
         strip=token_strip(model, n, strip_prompt or most[0]),
     )
@@ -629,15 +712,18 @@ def circuit_map(
         universal = attribution.universal if universal is None else universal
         attribution = attribution.attribution
     if top_n_per_layer < 0 or n_random < 0:
-        raise CNAError(f"top_n_per_layer and n_random must be >= 0, got {top_n_per_layer}, "
-                       f"{n_random}")
+        raise CNAError(
+            f"top_n_per_layer and n_random must be >= 0, got {top_n_per_layer}, {n_random}"
+        )
     delta = attribution.delta.double().cpu()
     effect = attribution.effect_size.double().cpu()
     n_layers, d_mlp = delta.shape
     in_circuit = circuit.pairs if circuit is not None else frozenset()
     if circuit is not None and (circuit.n_layers, circuit.d_mlp) != (n_layers, d_mlp):
-        raise CNAError(f"circuit is for {(circuit.n_layers, circuit.d_mlp)} neurons but the "
-                       f"attribution is {(n_layers, d_mlp)}")
+        raise CNAError(
+            f"circuit is for {(circuit.n_layers, circuit.d_mlp)} neurons but the "
+            f"attribution is {(n_layers, d_mlp)}"
+        )
     is_universal = set(universal.pairs) if universal is not None else set()
     chosen = set(in_circuit) | is_universal
     top = min(top_n_per_layer, d_mlp)
@@ -662,8 +748,11 @@ def circuit_map(
         "universal": dict(color="#2ca02c", size=9, symbol="x"),
         "circuit": dict(color="#d62728", size=9, symbol="diamond"),
     }
-    names = {"other": "top per layer + random", "universal": "universal (filtered out)",
-             "circuit": f"circuit (k={len(in_circuit)})"}
+    names = {
+        "other": "top per layer + random",
+        "universal": "universal (filtered out)",
+        "circuit": f"circuit (k={len(in_circuit)})",
+    }
     fig = go.Figure()
     for key, pairs in groups.items():
         if not pairs:
@@ -672,14 +761,20 @@ def circuit_map(
             x=[layer + jitter.uniform(-0.3, 0.3) for layer, _ in pairs],
             y=[float(delta[layer, j]) for layer, j in pairs],
             customdata=[[f"L{layer}N{j}", float(effect[layer, j])] for layer, j in pairs],
-            mode="markers", name=names[key], marker=styles[key],
+            mode="markers",
+            name=names[key],
+            marker=styles[key],
             hovertemplate="%{customdata[0]}<br>delta %{y:.4g}<br>effect size "
-                          "%{customdata[1]:.3g}<extra></extra>",
+            "%{customdata[1]:.3g}<extra></extra>",
         )
     fig.update_layout(
-        title=title or (f"Neuron delta by layer: {len(in_circuit)} circuit neurons, top "
-                        f"{top}/layer, {min(n_random, rest)} random of {n_layers * d_mlp}"),
+        title=title
+        or (
+            f"Neuron delta by layer: {len(in_circuit)} circuit neurons, top "
+            f"{top}/layer, {min(n_random, rest)} random of {n_layers * d_mlp}"
+        ),
         xaxis=dict(title="layer", tickmode="linear", dtick=1),
-        yaxis_title="delta = mean(positive) - mean(negative)", template="plotly_white",
+        yaxis_title="delta = mean(positive) - mean(negative)",
+        template="plotly_white",
     )
     return fig

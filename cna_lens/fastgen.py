@@ -114,8 +114,10 @@ def _plain_model(bridge: Any) -> nn.Module:
         owner, _, attr = name.rpartition(".")
         hf.get_submodule(owner)._parameters[attr] = tensors[name]
     if missing:
-        raise CNAError(f"could not map {len(missing)} weights of the plain model onto the "
-                       f"bridge (e.g. {missing[:3]}); use the obvious path (fast=False)")
+        raise CNAError(
+            f"could not map {len(missing)} weights of the plain model onto the "
+            f"bridge (e.g. {missing[:3]}); use the obvious path (fast=False)"
+        )
     for name, _ in list(hf.named_buffers(remove_duplicate=False)):
         if name in buffers:
             owner, _, attr = name.rpartition(".")
@@ -125,8 +127,11 @@ def _plain_model(bridge: Any) -> nn.Module:
 
 
 def _check_tokens(max_new_tokens: Any) -> int:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
-            max_new_tokens < 1):
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or (max_new_tokens < 1)
+    ):
         raise CNAError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     return max_new_tokens
 
@@ -185,8 +190,9 @@ class Condition:
 
     def __post_init__(self) -> None:
         if self.steering is not None and not isinstance(self.steering, Steering):
-            raise CNAError(f"steering must be a Steering or None, got "
-                           f"{type(self.steering).__name__}")
+            raise CNAError(
+                f"steering must be a Steering or None, got {type(self.steering).__name__}"
+            )
         a = self.caa_alpha
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
             raise CNAError(f"caa_alpha must be a finite number, got {a!r}")
@@ -229,8 +235,7 @@ class FastGenerator:
         active = [k for k, ok in _NEUTRAL.items() if getattr(gen_cfg, k, None) not in ok]
         self.use_loop = not active
         if active:
-            logger.info("generation config sets %s: using HF generate on the plain model",
-                        active)
+            logger.info("generation config sets %s: using HF generate on the plain model", active)
         src = model.original_model
         self._names = {id(m): _clean(n) for n, m in src.named_modules()}
         self._modules = dict(self.hf.named_modules())
@@ -250,8 +255,9 @@ class FastGenerator:
     def _plain(self, bridge_module: nn.Module, what: str) -> nn.Module:
         name = self._names.get(id(bridge_module))
         if name is None or name not in self._modules:
-            raise CNAError(f"{what}: no matching module in the plain model; use the obvious "
-                           "path (fast=False)")
+            raise CNAError(
+                f"{what}: no matching module in the plain model; use the obvious path (fast=False)"
+            )
         return self._modules[name]
 
     def down_projection(self, layer: int) -> nn.Module:
@@ -301,9 +307,14 @@ class FastGenerator:
             CNAError: bad prompts, lengths, steering or CAA arguments, or a closed generator.
             CircuitMismatchError: the circuit belongs to another model.
         """
-        return self.generate_many(prompts, [Condition(steering, caa_alpha)], caa=caa,
-                                  caa_layers=caa_layers, max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size)[0]
+        return self.generate_many(
+            prompts,
+            [Condition(steering, caa_alpha)],
+            caa=caa,
+            caa_layers=caa_layers,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        )[0]
 
     def generate_many(
         self,
@@ -339,12 +350,17 @@ class FastGenerator:
         Raises:
             CNAError: as :meth:`generate`, no conditions, or bad ``max_rows``.
         """
-        ids = self.generate_many_token_ids(prompts, conditions, caa=caa, caa_layers=caa_layers,
-                                           max_new_tokens=max_new_tokens,
-                                           batch_size=batch_size, max_rows=max_rows)
+        ids = self.generate_many_token_ids(
+            prompts,
+            conditions,
+            caa=caa,
+            caa_layers=caa_layers,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            max_rows=max_rows,
+        )
         tok = self.bridge.tokenizer
-        return [[tok.decode(t, skip_special_tokens=True).strip() for t in rows]
-                for rows in ids]
+        return [[tok.decode(t, skip_special_tokens=True).strip() for t in rows] for rows in ids]
 
     def generate_token_ids(
         self,
@@ -359,8 +375,13 @@ class FastGenerator:
     ) -> list[list[int]]:
         """New token ids per prompt, up to and excluding EOS (see :meth:`generate`)."""
         return self.generate_many_token_ids(
-            prompts, [Condition(steering, caa_alpha)], caa=caa, caa_layers=caa_layers,
-            max_new_tokens=max_new_tokens, batch_size=batch_size)[0]
+            prompts,
+            [Condition(steering, caa_alpha)],
+            caa=caa,
+            caa_layers=caa_layers,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        )[0]
 
     def generate_many_token_ids(
         self,
@@ -388,25 +409,36 @@ class FastGenerator:
             if c.steering is not None:
                 c.steering.circuit.validate(self.bridge)
         caa_modules = self._caa_modules(caa, [c.caa_alpha for c in conds], caa_layers)
-        batches = tokenize_prompts(self.bridge, prompts, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, device=self.device)
+        batches = tokenize_prompts(
+            self.bridge,
+            prompts,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            device=self.device,
+        )
         n = sum(len(b.indices) for b in batches)
         results: list[list[list[int]]] = [[[] for _ in range(n)] for _ in conds]
         per_pass = max(1, max_rows // max(batch_size, 1))
         for batch in batches:
             for start in range(0, len(conds), per_pass):
                 chunk = list(range(start, min(start + per_pass, len(conds))))
-                rows = self._run_batch(batch.input_ids, batch.attention_mask,
-                                       [conds[i] for i in chunk], caa, caa_modules,
-                                       max_new_tokens)
+                rows = self._run_batch(
+                    batch.input_ids,
+                    batch.attention_mask,
+                    [conds[i] for i in chunk],
+                    caa,
+                    caa_modules,
+                    max_new_tokens,
+                )
                 width = len(batch.indices)
                 for k, cond in enumerate(chunk):
                     for row, idx in enumerate(batch.indices):
                         results[cond][idx] = rows[k * width + row]
         return results
 
-    def _caa_modules(self, caa: Any | None, alphas: list[float],
-                     layers: Sequence[int] | None) -> dict[int, nn.Module]:
+    def _caa_modules(
+        self, caa: Any | None, alphas: list[float], layers: Sequence[int] | None
+    ) -> dict[int, nn.Module]:
         """Decoder layers CAA steers (checked as :func:`cna_lens.caa.caa_steer` does)."""
         from cna_lens.caa import _check_layers, _resid_names
 
@@ -416,15 +448,23 @@ class FastGenerator:
             return {}
         shape = (int(self.bridge.cfg.n_layers), int(self.bridge.cfg.d_model))
         if (caa.n_layers, caa.d_model) != shape:
-            raise CNAError(f"CAA vectors are [{caa.n_layers}, {caa.d_model}] but the model has "
-                           f"n_layers={shape[0]}, d_model={shape[1]}")
+            raise CNAError(
+                f"CAA vectors are [{caa.n_layers}, {caa.d_model}] but the model has "
+                f"n_layers={shape[0]}, d_model={shape[1]}"
+            )
         chosen = _check_layers(layers, shape[0])
         _resid_names(self.bridge)
         return {layer: self.decoder_layer(layer) for layer in chosen}
 
-    def _run_batch(self, input_ids: Tensor, mask: Tensor, conds: list[Condition],
-                   caa: Any | None, caa_modules: dict[int, nn.Module], max_new_tokens: int
-                   ) -> list[list[int]]:
+    def _run_batch(
+        self,
+        input_ids: Tensor,
+        mask: Tensor,
+        conds: list[Condition],
+        caa: Any | None,
+        caa_modules: dict[int, nn.Module],
+        max_new_tokens: int,
+    ) -> list[list[int]]:
         """Token ids of ``len(conds)`` copies of the batch, condition-major."""
         from cna_lens.caa import _AddHook
         from cna_lens.steering import _LayerHook
@@ -438,9 +478,9 @@ class FastGenerator:
                 for layer, op in c.steering.layer_ops().items():  # fresh per batch
                     pre.setdefault(layer, {})[i] = _LayerHook(op, c.steering.positions, None)
             if c.caa_alpha != 0.0:
+                assert caa is not None  # checked by the caller before any forward pass
                 for layer in caa_modules:
-                    post.setdefault(layer, {})[i] = _AddHook(caa.vectors[layer],
-                                                             float(c.caa_alpha))
+                    post.setdefault(layer, {})[i] = _AddHook(caa.vectors[layer], float(c.caa_alpha))
         handles = []
         try:
             for layer, ops in pre.items():
@@ -459,25 +499,35 @@ class FastGenerator:
             for h in handles:
                 h.remove()
 
-    def _hf_generate(self, input_ids: Tensor, mask: Tensor, max_new_tokens: int
-                     ) -> list[list[int]]:
+    def _hf_generate(self, input_ids: Tensor, mask: Tensor, max_new_tokens: int) -> list[list[int]]:
         assert self.hf is not None
-        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False,
-                                      pad_token_id=self.pad, use_cache=True, temperature=None,
-                                      top_p=None, top_k=None)
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad,
+            use_cache=True,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
         if self.eos:
             kwargs["eos_token_id"] = self.eos
-        out = self.hf.generate(input_ids=input_ids, attention_mask=mask,  # type: ignore[operator]
-                               **kwargs)
-        return self._cut(out[:, input_ids.shape[1]:].tolist())
+        out = self.hf.generate(
+            input_ids=input_ids,
+            attention_mask=mask,  # type: ignore[operator]
+            **kwargs,
+        )
+        return self._cut(out[:, input_ids.shape[1] :].tolist())
 
     def _cut(self, ids: list[list[int]]) -> list[list[int]]:
         eos = set(self.eos)
-        return [toks[:next((i for i, t in enumerate(toks) if t in eos), len(toks))]
-                for toks in ids]
+        return [
+            toks[: next((i for i, t in enumerate(toks) if t in eos), len(toks))] for toks in ids
+        ]
 
-    def _greedy(self, input_ids: Tensor, mask: Tensor, max_new_tokens: int, groups: _Groups,
-                n_groups: int) -> list[list[int]]:
+    def _greedy(
+        self, input_ids: Tensor, mask: Tensor, max_new_tokens: int, groups: _Groups, n_groups: int
+    ) -> list[list[int]]:
         """Greedy decoding as HF ``generate`` does it, dropping finished rows."""
         hf = self.hf
         assert hf is not None
@@ -486,8 +536,13 @@ class FastGenerator:
         eos = torch.tensor(self.eos or [-1], device=self.device)
         # Position ids exactly as generate makes them from a left-padded mask.
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        out = hf(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                 use_cache=True, logits_to_keep=1)
+        out = hf(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache = out.past_key_values
         live = torch.arange(n, device=self.device)  # original row of each batch row
         active = torch.ones(n, dtype=torch.bool, device=self.device)  # not yet finished
@@ -510,8 +565,14 @@ class FastGenerator:
                 groups.set(torch.bincount(live // width, minlength=n_groups).tolist())
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
             last_pos = last_pos + 1
-            out = hf(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos,
-                     past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = hf(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=last_pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         return self._cut(torch.stack(produced, dim=1).tolist())
 
     def _rows_to_keep(self, active: Tensor) -> Tensor | None:

@@ -99,8 +99,9 @@ def save_figures(
     html = {}
     for name, fig in figures.items():
         path = out / f"{name}.html"
-        fig.write_html(path, include_plotlyjs=True if plotlyjs == "inline" else plotlyjs,
-                       full_html=True)
+        fig.write_html(
+            path, include_plotlyjs=True if plotlyjs == "inline" else plotlyjs, full_html=True
+        )
         html[name] = path
     pngs: dict[str, Path] = {}
     error = None

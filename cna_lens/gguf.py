@@ -45,8 +45,10 @@ def resolve_gguf(path: str | os.PathLike[str]) -> Path | None:
         found = sorted(x for x in p.iterdir() if x.suffix.lower() == ".gguf" and x.is_file())
         if len(found) > 1:
             names = ", ".join(x.name for x in found)
-            raise CNAError(f"{str(p)!r} holds {len(found)} .gguf files ({names}); "
-                           "pass the path of the one to load")
+            raise CNAError(
+                f"{str(p)!r} holds {len(found)} .gguf files ({names}); "
+                "pass the path of the one to load"
+            )
         return found[0] if found else None
     return None
 
@@ -98,8 +100,10 @@ def gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
     try:
         reader = gguf.GGUFReader(str(p))
     except Exception as exc:  # the reader raises ValueError/IndexError/struct.error on bad bytes
-        raise CNAError(f"{str(p)!r} is truncated or corrupt: the GGUF reader failed "
-                       f"({type(exc).__name__}: {exc})") from exc
+        raise CNAError(
+            f"{str(p)!r} is truncated or corrupt: the GGUF reader failed "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
     arch = _field_str(reader, "general.architecture")
     if arch is None:
         raise CNAError(f"{str(p)!r}: GGUF header has no general.architecture")
@@ -107,8 +111,10 @@ def gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
 
     supported = sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
-        raise CNAError(f"{str(p)!r}: GGUF architecture {arch!r} cannot be loaded by transformers; "
-                       f"supported: {', '.join(supported)}")
+        raise CNAError(
+            f"{str(p)!r}: GGUF architecture {arch!r} cannot be loaded by transformers; "
+            f"supported: {', '.join(supported)}"
+        )
     return GGUFInfo(
         path=p,
         architecture=arch,
@@ -118,7 +124,9 @@ def gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
     )
 
 
-def load_gguf(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def load_gguf(
+    path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any]:
     """Dequantise a GGUF file into a ``transformers`` model and tokenizer (on the CPU).
 
     The model's ``quantization_config`` (a GGUF marker that stops ``save_pretrained``) is
@@ -138,8 +146,10 @@ def load_gguf(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float3
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise CNAError(f"transformers could not load {str(info.path)!r} "
-                       f"(architecture {info.architecture!r}): {exc}") from exc
+        raise CNAError(
+            f"transformers could not load {str(info.path)!r} "
+            f"(architecture {info.architecture!r}): {exc}"
+        ) from exc
     model = _plain_copy(model, dtype)
     model.eval()
     if not info.has_chat_template:
@@ -161,8 +171,12 @@ def _plain_copy(model: Any, dtype: torch.dtype) -> Any:
     return plain
 
 
-def convert_to_hf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
-                  dtype: torch.dtype = torch.float32) -> Path:
+def convert_to_hf(
+    path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Dequantise a GGUF file once and write a plain HF directory (safetensors + tokenizer).
 
     Later runs load ``out_dir`` without dequantising (seconds instead of a minute).
@@ -172,8 +186,9 @@ def convert_to_hf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     """
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CNAError(f"output directory {str(out)!r} exists and is not empty; "
-                       "pass a new directory")
+        raise CNAError(
+            f"output directory {str(out)!r} exists and is not empty; pass a new directory"
+        )
     model, tokenizer = load_gguf(path, dtype=dtype)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:

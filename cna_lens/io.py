@@ -19,6 +19,7 @@ from cna_lens.errors import CNAError
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "check_out_dir", "check_writable_file"]
 
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (parent directories are created).
 
@@ -80,8 +81,7 @@ def check_writable_file(path: str | os.PathLike[str]) -> Path:
             raise CNAError(f"output path {str(path)!r}: {str(ancestor)!r} is a broken link")
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise CNAError(f"output path {str(path)!r}: {str(ancestor)!r} is a file, not a "
-                       "directory")
+        raise CNAError(f"output path {str(path)!r}: {str(ancestor)!r} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise CNAError(f"output path {str(path)!r}: directory {str(ancestor)!r} is not writable")
     if path.exists() and not os.access(path, os.W_OK) and not os.access(path.parent, os.W_OK):

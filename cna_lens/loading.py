@@ -74,8 +74,9 @@ class _ModelInfo:
 _MODEL_INFO: weakref.WeakKeyDictionary[Any, _ModelInfo] = weakref.WeakKeyDictionary()
 
 
-def _set_model_info(model: Any, *, model_id: str, chat: bool | None,
-                    source: str | None = None) -> None:
+def _set_model_info(
+    model: Any, *, model_id: str, chat: bool | None, source: str | None = None
+) -> None:
     _MODEL_INFO[model] = _ModelInfo(model_id=model_id, chat=chat, source=source)
 
 
@@ -90,13 +91,13 @@ def _check_device(device: str | torch.device | None) -> None:
     if device is None or isinstance(device, torch.device):
         return
     if not isinstance(device, str):
-        raise CNAError(f"device must be a string like 'cpu', 'cuda' or 'cuda:1', got "
-                       f"{device!r}")
+        raise CNAError(f"device must be a string like 'cpu', 'cuda' or 'cuda:1', got {device!r}")
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError) as exc:
-        raise CNAError(f"unknown device {device!r}; valid: 'cpu', 'cuda', 'cuda:N', 'mps', ...") \
-            from exc
+        raise CNAError(
+            f"unknown device {device!r}; valid: 'cpu', 'cuda', 'cuda:N', 'mps', ..."
+        ) from exc
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise CNAError(f"device {device!r} asked for, but CUDA is not available here; use 'cpu'")
 
@@ -147,8 +148,10 @@ def load_model(
     from transformer_lens import TransformerBridge
 
     if not isinstance(name_or_path, (str, os.PathLike)):
-        raise CNAError(f"name_or_path must be a hub model name or a directory, got "
-                       f"{type(name_or_path).__name__}")
+        raise CNAError(
+            f"name_or_path must be a hub model name or a directory, got "
+            f"{type(name_or_path).__name__}"
+        )
     name = os.fspath(name_or_path)
     if not isinstance(name, str) or not name.strip():
         raise CNAError("model name is empty; give a hub model name or a local HF directory")
@@ -183,24 +186,32 @@ def load_model(
         from cna_lens.gguf import load_gguf
 
         if device_map is not None or n_devices is not None:
-            raise CNAError("device_map/n_devices are not supported for .gguf files; pass device, "
-                           "or convert the file with `cna-lens models convert` first")
+            raise CNAError(
+                "device_map/n_devices are not supported for .gguf files; pass device, "
+                "or convert the file with `cna-lens models convert` first"
+            )
         hf_model, tokenizer = load_gguf(gguf_file, dtype=torch_dtype)
         kwargs.update(hf_model=hf_model.to(device), tokenizer=tokenizer)
         name = str(gguf_file.parent)
     try:
-        model = TransformerBridge.boot_transformers(name, device=device, dtype=torch_dtype,
-                                                    **kwargs)
+        model = TransformerBridge.boot_transformers(
+            name, device=device, dtype=torch_dtype, **kwargs
+        )
     except CNAError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError, ImportError, AssertionError) as exc:
         where = "directory" if path.exists() else "hub model (needs network or a warm HF cache)"
-        raise CNAError(f"cannot load {name!r} as a {where} on device={device!r}: "
-                       f"{type(exc).__name__}: {exc}") from exc
+        raise CNAError(
+            f"cannot load {name!r} as a {where} on device={device!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     model.eval()
     mlp_hook_names(model)  # refuse models without MLP hook_post up front
-    _set_model_info(model, model_id=portable_model_id(gguf_file or name_or_path), chat=chat,
-                    source=str(gguf_file) if gguf_file is not None else name)
+    _set_model_info(
+        model,
+        model_id=portable_model_id(gguf_file or name_or_path),
+        chat=chat,
+        source=str(gguf_file) if gguf_file is not None else name,
+    )
     return model
 
 
@@ -285,7 +296,9 @@ def validate_prompts(prompts: Any, what: str = "prompts") -> list[str]:
     try:
         items = list(prompts)
     except TypeError:
-        raise CNAError(f"{what} must be a sequence of strings, got {type(prompts).__name__}") from None
+        raise CNAError(
+            f"{what} must be a sequence of strings, got {type(prompts).__name__}"
+        ) from None
     if not items:
         raise CNAError(f"{what} is empty; give at least one prompt")
     for i, p in enumerate(items):
@@ -296,9 +309,11 @@ def validate_prompts(prompts: Any, what: str = "prompts") -> list[str]:
         try:
             p.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise CNAError(f"{what}[{i}] is not valid Unicode text (a lone surrogate "
-                           f"{p[exc.start]!r} at character {exc.start}); prompts must be "
-                           "encodable as UTF-8") from None
+            raise CNAError(
+                f"{what}[{i}] is not valid Unicode text (a lone surrogate "
+                f"{p[exc.start]!r} at character {exc.start}); prompts must be "
+                "encodable as UTF-8"
+            ) from None
     return items
 
 

@@ -27,8 +27,13 @@ __all__ = [
     "steering_figure",
 ]
 
-_COLORS = {"instruct": "#1f77b4", "base": "#ff7f0e", "cna": "#1f77b4", "caa": "#d62728",
-           "random": "#7f7f7f"}
+_COLORS = {
+    "instruct": "#1f77b4",
+    "base": "#ff7f0e",
+    "cna": "#1f77b4",
+    "caa": "#d62728",
+    "random": "#7f7f7f",
+}
 _METHOD_LABELS = {"cna": "CNA (multiplier m)", "caa": "CAA (alpha)"}
 
 
@@ -50,26 +55,39 @@ def layer_histogram(
     """
     if not circuits:
         raise CNAError("give at least one circuit to plot")
-    counts = {name: (c.per_layer_counts() if isinstance(c, Circuit) else [int(x) for x in c])
-              for name, c in circuits.items()}
+    counts = {
+        name: (c.per_layer_counts() if isinstance(c, Circuit) else [int(x) for x in c])
+        for name, c in circuits.items()
+    }
     n_layers = {len(v) for v in counts.values()}
     if len(n_layers) != 1:
-        raise CNAError(f"circuits have different numbers of layers: "
-                       f"{ {k: len(v) for k, v in counts.items()} }")
+        raise CNAError(
+            f"circuits have different numbers of layers: { {k: len(v) for k, v in counts.items()} }"
+        )
     fig = go.Figure()
     for name, vals in counts.items():
         total = sum(vals)
         ys = [v / total if total else 0.0 for v in vals] if normalize else vals
-        fig.add_bar(x=list(range(len(vals))), y=ys, name=f"{name} (k={total})",
-                    marker_color=_COLORS.get(name))
-    fig.update_layout(title=title, barmode="group", xaxis_title="layer",
-                      yaxis_title="fraction of circuit" if normalize else "neurons",
-                      xaxis=dict(tickmode="linear", dtick=1), template="plotly_white")
+        fig.add_bar(
+            x=list(range(len(vals))),
+            y=ys,
+            name=f"{name} (k={total})",
+            marker_color=_COLORS.get(name),
+        )
+    fig.update_layout(
+        title=title,
+        barmode="group",
+        xaxis_title="layer",
+        yaxis_title="fraction of circuit" if normalize else "neurons",
+        xaxis=dict(tickmode="linear", dtick=1),
+        template="plotly_white",
+    )
     return fig
 
 
-def overlap_figure(overlap: Overlap, *, names: tuple[str, str] = ("instruct", "base"),
-                   title: str | None = None) -> go.Figure:
+def overlap_figure(
+    overlap: Overlap, *, names: tuple[str, str] = ("instruct", "base"), title: str | None = None
+) -> go.Figure:
     """Per layer: each circuit's neurons, the neurons they share, and the chance expectation.
 
     Args:
@@ -79,20 +97,43 @@ def overlap_figure(overlap: Overlap, *, names: tuple[str, str] = ("instruct", "b
     """
     layers = list(range(len(overlap.per_layer_a)))
     fig = go.Figure()
-    fig.add_bar(x=layers, y=list(overlap.per_layer_a), name=names[0], opacity=0.35,
-                marker_color=_COLORS.get(names[0]))
-    fig.add_bar(x=layers, y=list(overlap.per_layer_b), name=names[1], opacity=0.35,
-                marker_color=_COLORS.get(names[1]))
-    fig.add_bar(x=layers, y=list(overlap.per_layer_intersection), name="shared",
-                marker_color="#2ca02c")
-    fig.add_scatter(x=layers, y=list(overlap.per_layer_chance), name="shared by chance",
-                    mode="lines+markers", line=dict(color="black", dash="dash"))
+    fig.add_bar(
+        x=layers,
+        y=list(overlap.per_layer_a),
+        name=names[0],
+        opacity=0.35,
+        marker_color=_COLORS.get(names[0]),
+    )
+    fig.add_bar(
+        x=layers,
+        y=list(overlap.per_layer_b),
+        name=names[1],
+        opacity=0.35,
+        marker_color=_COLORS.get(names[1]),
+    )
+    fig.add_bar(
+        x=layers, y=list(overlap.per_layer_intersection), name="shared", marker_color="#2ca02c"
+    )
+    fig.add_scatter(
+        x=layers,
+        y=list(overlap.per_layer_chance),
+        name="shared by chance",
+        mode="lines+markers",
+        line=dict(color="black", dash="dash"),
+    )
     fig.update_layout(
-        title=title or (f"{names[0]} vs {names[1]}: overlap {overlap.overlap_fraction:.0%} "
-                        f"(chance {overlap.chance_overlap_fraction:.1%}), "
-                        f"Jaccard {overlap.jaccard:.2f}"),
-        barmode="group", xaxis_title="layer", yaxis_title="neurons",
-        xaxis=dict(tickmode="linear", dtick=1), template="plotly_white")
+        title=title
+        or (
+            f"{names[0]} vs {names[1]}: overlap {overlap.overlap_fraction:.0%} "
+            f"(chance {overlap.chance_overlap_fraction:.1%}), "
+            f"Jaccard {overlap.jaccard:.2f}"
+        ),
+        barmode="group",
+        xaxis_title="layer",
+        yaxis_title="neurons",
+        xaxis=dict(tickmode="linear", dtick=1),
+        template="plotly_white",
+    )
     return fig
 
 
@@ -100,8 +141,10 @@ def _summary(results: pd.DataFrame) -> pd.DataFrame:
     if "refusal_rate" in results.columns:
         return results
     if "refused" not in results.columns:
-        raise CNAError("expected a sweep DataFrame (from cna_lens.evaluation.sweep) or its "
-                       "summary (from summarize)")
+        raise CNAError(
+            "expected a sweep DataFrame (from cna_lens.evaluation.sweep) or its "
+            "summary (from summarize)"
+        )
     return summarize(results)
 
 
@@ -133,10 +176,16 @@ def steering_figure(
     methods = _methods(s)
     if not methods:
         raise CNAError("the results have no 'cna' or 'caa' rows to plot")
-    fig = make_subplots(rows=1, cols=len(methods), shared_yaxes=True,
-                        subplot_titles=[_METHOD_LABELS[m] for m in methods])
-    series = [(harmful, "refusal (harmful)", "solid", "#d62728"),
-              (benign, "over-refusal (benign)", "dot", "#9467bd")]
+    fig = make_subplots(
+        rows=1,
+        cols=len(methods),
+        shared_yaxes=True,
+        subplot_titles=[_METHOD_LABELS[m] for m in methods],
+    )
+    series = [
+        (harmful, "refusal (harmful)", "solid", "#d62728"),
+        (benign, "over-refusal (benign)", "dot", "#9467bd"),
+    ]
     if borderline:
         series.append((borderline, "refusal (borderline)", "dashdot", "#8c564b"))
     for col, method in enumerate(methods, 1):
@@ -145,22 +194,46 @@ def steering_figure(
             r = rows[rows["prompt_set"] == pset].sort_values("strength")
             if r.empty:
                 continue
-            fig.add_scatter(x=r["strength"], y=r["refusal_rate"], name=label, legendgroup=label,
-                            showlegend=col == 1, mode="lines+markers",
-                            line=dict(dash=dash, color=color), row=1, col=col)
-        q = (rows[rows["prompt_set"].isin([harmful, benign])]
-             .groupby("strength", as_index=False)["quality"].mean())
+            fig.add_scatter(
+                x=r["strength"],
+                y=r["refusal_rate"],
+                name=label,
+                legendgroup=label,
+                showlegend=col == 1,
+                mode="lines+markers",
+                line=dict(dash=dash, color=color),
+                row=1,
+                col=col,
+            )
+        q = (
+            rows[rows["prompt_set"].isin([harmful, benign])]
+            .groupby("strength", as_index=False)["quality"]
+            .mean()
+        )
         if not q.empty:
-            fig.add_scatter(x=q["strength"], y=q["quality"], name="output quality",
-                            legendgroup="quality", showlegend=col == 1, mode="lines+markers",
-                            line=dict(color="#2ca02c"), row=1, col=col)
+            fig.add_scatter(
+                x=q["strength"],
+                y=q["quality"],
+                name="output quality",
+                legendgroup="quality",
+                showlegend=col == 1,
+                mode="lines+markers",
+                line=dict(color="#2ca02c"),
+                row=1,
+                col=col,
+            )
         if method == "cna":
             ctrl = s[(s["method"] == "random") & (s["prompt_set"] == harmful)]
             if not ctrl.empty:
-                fig.add_scatter(x=ctrl["strength"], y=ctrl["refusal_rate"],
-                                name="refusal, random neurons", mode="markers",
-                                marker=dict(symbol="diamond", size=11, color="#7f7f7f"),
-                                row=1, col=col)
+                fig.add_scatter(
+                    x=ctrl["strength"],
+                    y=ctrl["refusal_rate"],
+                    name="refusal, random neurons",
+                    mode="markers",
+                    marker=dict(symbol="diamond", size=11, color="#7f7f7f"),
+                    row=1,
+                    col=col,
+                )
         fig.update_xaxes(title_text="m" if method == "cna" else "alpha", row=1, col=col)
     fig.update_yaxes(title_text="rate / quality", range=[-0.03, 1.03], row=1, col=1)
     fig.update_layout(title=title, template="plotly_white")
@@ -183,20 +256,34 @@ def capability_figure(
     methods = _methods(s)
     if not methods:
         raise CNAError(f"no scored {prompt_set!r} rows for CNA or CAA in the results")
-    fig = make_subplots(rows=1, cols=len(methods), shared_yaxes=True,
-                        subplot_titles=[_METHOD_LABELS[m] for m in methods])
+    fig = make_subplots(
+        rows=1,
+        cols=len(methods),
+        shared_yaxes=True,
+        subplot_titles=[_METHOD_LABELS[m] for m in methods],
+    )
     for col, method in enumerate(methods, 1):
         r = s[s["method"] == method].sort_values("strength")
-        fig.add_scatter(x=r["strength"], y=r["accuracy"], name=method.upper(),
-                        mode="lines+markers", line=dict(color=_COLORS[method]), row=1, col=col)
+        fig.add_scatter(
+            x=r["strength"],
+            y=r["accuracy"],
+            name=method.upper(),
+            mode="lines+markers",
+            line=dict(color=_COLORS[method]),
+            row=1,
+            col=col,
+        )
         fig.update_xaxes(title_text="m" if method == "cna" else "alpha", row=1, col=col)
     fig.update_yaxes(title_text="accuracy", range=[-0.03, 1.03], row=1, col=1)
     fig.update_layout(title=title, template="plotly_white")
     return fig
 
 
-def stability_figure(stability: Stability | Sequence[float], *,
-                     title: str = "Circuit stability under bootstrap resampling") -> go.Figure:
+def stability_figure(
+    stability: Stability | Sequence[float],
+    *,
+    title: str = "Circuit stability under bootstrap resampling",
+) -> go.Figure:
     """Histogram of the Jaccard similarity of resampled circuits to the full circuit.
 
     Raises:
@@ -207,10 +294,18 @@ def stability_figure(stability: Stability | Sequence[float], *,
         raise CNAError("no Jaccard values to plot")
     mean = sum(values) / len(values)
     fig = go.Figure()
-    fig.add_histogram(x=values, xbins=dict(start=0.0, end=1.0001, size=0.05),
-                      name="resamples", marker_color="#1f77b4")
+    fig.add_histogram(
+        x=values,
+        xbins=dict(start=0.0, end=1.0001, size=0.05),
+        name="resamples",
+        marker_color="#1f77b4",
+    )
     fig.add_vline(x=mean, line_dash="dash", annotation_text=f"mean {mean:.2f}")
-    fig.update_layout(title=f"{title} (n={len(values)})", xaxis_title="Jaccard vs full circuit",
-                      yaxis_title="resamples", xaxis=dict(range=[0, 1.02]),
-                      template="plotly_white")
+    fig.update_layout(
+        title=f"{title} (n={len(values)})",
+        xaxis_title="Jaccard vs full circuit",
+        yaxis_title="resamples",
+        xaxis=dict(range=[0, 1.02]),
+        template="plotly_white",
+    )
     return fig

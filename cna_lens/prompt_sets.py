@@ -110,8 +110,10 @@ def prompts(name: str) -> list[str]:
         CNAError: unknown ``name``, or ``"capability"`` (read that with :func:`capability`).
     """
     if name == "capability":
-        raise CNAError("'capability' holds questions, not prompts; "
-                       "use cna_lens.prompt_sets.capability() to read it")
+        raise CNAError(
+            "'capability' holds questions, not prompts; "
+            "use cna_lens.prompt_sets.capability() to read it"
+        )
     return read_prompts(path(name), column="prompt")
 
 
@@ -170,12 +172,16 @@ def read_prompts(path: str | os.PathLike[str], *, column: str | None = None) -> 
         if not isinstance(prompt, str):
             continue  # validate_prompts names the entry
         if "\x00" in prompt:
-            raise CNAError(f"{where}[{i}] contains a NUL character ({prompt!r:.60}); "
-                           f"prompts must be plain text")
+            raise CNAError(
+                f"{where}[{i}] contains a NUL character ({prompt!r:.60}); "
+                f"prompts must be plain text"
+            )
         bad = _SURROGATE.search(prompt)
         if bad:
-            raise CNAError(f"{where}[{i}] contains a lone surrogate U+{ord(bad.group()):04X} "
-                           f"({prompt!r:.60}); prompts must be valid Unicode text")
+            raise CNAError(
+                f"{where}[{i}] contains a lone surrogate U+{ord(bad.group()):04X} "
+                f"({prompt!r:.60}); prompts must be valid Unicode text"
+            )
     return validate_prompts(items, where)
 
 
@@ -189,19 +195,25 @@ def _decode(raw: bytes, where: str) -> str:
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise CNAError(f"{where}: cannot decode as {encoding} ({exc.reason} at byte {exc.start}); "
-                       f"expected UTF-8 (or UTF-16 with a BOM)") from None
+        raise CNAError(
+            f"{where}: cannot decode as {encoding} ({exc.reason} at byte {exc.start}); "
+            f"expected UTF-8 (or UTF-16 with a BOM)"
+        ) from None
 
 
 def _from_json(text: str, where: str, column: str | None) -> list[Any]:
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge ints, deep nesting
-        raise CNAError(f"{where}: not valid JSON ({exc}); expected a list of strings "
-                       f"or of objects with a prompt field") from None
+        raise CNAError(
+            f"{where}: not valid JSON ({exc}); expected a list of strings "
+            f"or of objects with a prompt field"
+        ) from None
     if not isinstance(data, list):
-        raise CNAError(f"{where}: expected a JSON list of strings (or of objects with a "
-                       f"prompt field), got {type(data).__name__}")
+        raise CNAError(
+            f"{where}: expected a JSON list of strings (or of objects with a "
+            f"prompt field), got {type(data).__name__}"
+        )
     return _column_values(data, where, column)
 
 
@@ -213,8 +225,10 @@ def _from_jsonl(text: str, where: str, column: str | None) -> list[Any]:
         try:
             data.append(json.loads(line))
         except (ValueError, RecursionError) as exc:
-            raise CNAError(f"{where}: line {number} is not valid JSON ({exc}); expected one "
-                           f"string or object per line") from None
+            raise CNAError(
+                f"{where}: line {number} is not valid JSON ({exc}); expected one "
+                f"string or object per line"
+            ) from None
     return _column_values(data, where, column)
 
 
@@ -224,15 +238,18 @@ def _column_values(data: list[Any], where: str, column: str | None) -> list[Any]
         return data  # strings (validate_prompts names any other entry)
     for i, entry in enumerate(data):
         if not isinstance(entry, Mapping):
-            raise CNAError(f"{where}[{i}] is {type(entry).__name__} ({entry!r:.60}), expected "
-                           f"an object like the other entries")
+            raise CNAError(
+                f"{where}[{i}] is {type(entry).__name__} ({entry!r:.60}), expected "
+                f"an object like the other entries"
+            )
     if column is None:
         names = list(dict.fromkeys(key for entry in data for key in entry))
         column = _pick_column(names, where)
     for i, entry in enumerate(data):
         if column not in entry:
-            raise CNAError(f"{where}[{i}] has no field {column!r}; its fields are "
-                           f"{sorted(map(str, entry))}")
+            raise CNAError(
+                f"{where}[{i}] has no field {column!r}; its fields are {sorted(map(str, entry))}"
+            )
     return [entry[column] for entry in data]
 
 
@@ -245,9 +262,11 @@ def _pick_column(names: Sequence[str], where: str) -> str:
     if {m.strip().lower() for m in matches} == {"goal", "behavior"}:
         hint = " (JailbreakBench files hold the request in 'Goal', its short name in 'Behavior')"
     found = f"several candidates {matches}" if matches else "none of " + "/".join(PROMPT_COLUMNS)
-    raise CNAError(f"{where}: cannot tell which column holds the prompt ({found}); "
-                   f"available columns: {list(names)}; pass column= "
-                   f"(--prompt-column on the command line){hint}")
+    raise CNAError(
+        f"{where}: cannot tell which column holds the prompt ({found}); "
+        f"available columns: {list(names)}; pass column= "
+        f"(--prompt-column on the command line){hint}"
+    )
 
 
 def _from_csv(text: str, where: str, column: str | None) -> list[Any]:
@@ -270,8 +289,10 @@ def _from_csv(text: str, where: str, column: str | None) -> list[Any]:
     values = []
     for number, row in enumerate(body, 2):
         if index >= len(row):
-            raise CNAError(f"{where}: row {number} has {len(row)} fields, too few for column "
-                           f"{column!r} (field {index + 1} of the header's {len(header)})")
+            raise CNAError(
+                f"{where}: row {number} has {len(row)} fields, too few for column "
+                f"{column!r} (field {index + 1} of the header's {len(header)})"
+            )
         values.append(row[index])
     return values
 
@@ -298,6 +319,11 @@ def warn_overlap(discovery: Sequence[str], evaluation: Sequence[str]) -> int:
     """
     count = check_overlap(discovery, evaluation)
     if count:
-        logger.warning("%d of %d evaluation prompts also occur among the %d discovery prompts; "
-                       "evaluation on them is not held out", count, len(evaluation), len(discovery))
+        logger.warning(
+            "%d of %d evaluation prompts also occur among the %d discovery prompts; "
+            "evaluation on them is not held out",
+            count,
+            len(evaluation),
+            len(discovery),
+        )
     return count

@@ -73,14 +73,26 @@ def _table(df: pd.DataFrame) -> str:
 
 
 def _circuit_table(circuit: Circuit) -> str:
-    df = pd.DataFrame([{"rank": i + 1, "neuron": n.label, "layer": n.layer,
-                        "index": n.neuron, "delta": n.delta}
-                       for i, n in enumerate(circuit)])
+    df = pd.DataFrame(
+        [
+            {
+                "rank": i + 1,
+                "neuron": n.label,
+                "layer": n.layer,
+                "index": n.neuron,
+                "delta": n.delta,
+            }
+            for i, n in enumerate(circuit)
+        ]
+    )
     prov = {k: v for k, v in asdict(circuit.provenance).items() if v not in (None, "", ())}
-    return (f"<p>{len(circuit)} neurons of {circuit.n_layers} x {circuit.d_mlp}; per layer "
-            f"{circuit.per_layer_counts()}</p>" + _table(df)
-            + "<h3>provenance</h3>"
-            + _table(pd.DataFrame(flatten_summary(prov), columns=["key", "value"])))
+    return (
+        f"<p>{len(circuit)} neurons of {circuit.n_layers} x {circuit.d_mlp}; per layer "
+        f"{circuit.per_layer_counts()}</p>"
+        + _table(df)
+        + "<h3>provenance</h3>"
+        + _table(pd.DataFrame(flatten_summary(prov), columns=["key", "value"]))
+    )
 
 
 def write_report(
@@ -118,21 +130,23 @@ def write_report(
         all_figures.extend(card.figures().items())
     for name, fig in all_figures:
         if not isinstance(fig, go.Figure):
-            raise CNAError(f"figure {name!r} is a {type(fig).__name__}, expected a "
-                           "plotly.graph_objects.Figure")
+            raise CNAError(
+                f"figure {name!r} is a {type(fig).__name__}, expected a plotly.graph_objects.Figure"
+            )
     first = [True]
 
     def fig_html(fig: go.Figure) -> str:
         include = first[0]
         first[0] = False
-        body = fig.to_html(full_html=False, include_plotlyjs=include,
-                           config={"responsive": True})
+        body = fig.to_html(full_html=False, include_plotlyjs=include, config={"responsive": True})
         return f'<div class="figure">{body}</div>'
 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [f"<h1>{html.escape(title)}</h1><p class='meta'>written {stamp}</p>",
-             "<h2>Summary</h2>",
-             _table(pd.DataFrame(flatten_summary(summary), columns=["key", "value"]))]
+    parts = [
+        f"<h1>{html.escape(title)}</h1><p class='meta'>written {stamp}</p>",
+        "<h2>Summary</h2>",
+        _table(pd.DataFrame(flatten_summary(summary), columns=["key", "value"])),
+    ]
     if figures:
         parts.append("<h2>Figures</h2>")
         for name, fig in figures.items():
@@ -147,9 +161,12 @@ def write_report(
                 parts.append(f"<h4>{html.escape(name)}</h4>{_table(table)}")
             for fig in card.figures().values():
                 parts.append(fig_html(fig))
-    page = (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
-            + "\n".join(parts) + "\n</body></html>\n")
+    page = (
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
+        + "\n".join(parts)
+        + "\n</body></html>\n"
+    )
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)

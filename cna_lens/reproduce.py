@@ -63,8 +63,15 @@ from cna_lens.summary import (
     Summary,
 )
 
-__all__ = ["QUICK", "Inputs", "ReproduceConfig", "Reproduction", "format_summary", "register",
-           "reproduce"]
+__all__ = [
+    "QUICK",
+    "Inputs",
+    "ReproduceConfig",
+    "Reproduction",
+    "format_summary",
+    "register",
+    "reproduce",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +149,9 @@ class ReproduceConfig:
                 raise CNAError(f"{name} must be a non-empty list of finite numbers, got {values}")
             object.__setattr__(self, name, values)
         if 0.0 not in self.multipliers or 1.0 not in self.multipliers:
-            raise CNAError(f"multipliers must include 0 (ablation) and 1 (baseline), got "
-                           f"{self.multipliers}")
+            raise CNAError(
+                f"multipliers must include 0 (ablation) and 1 (baseline), got {self.multipliers}"
+            )
         if 0.0 not in self.caa_alphas:
             raise CNAError(f"caa_alphas must include 0 (baseline), got {self.caa_alphas}")
         for name in ("n_discovery", "n_eval", "n_capability", "n_universal"):
@@ -157,8 +165,10 @@ class ReproduceConfig:
         if self.n_cards < 0:
             raise CNAError(f"n_cards must be >= 0, got {self.n_cards}")
         if self.discovery is not None and (self.fraction is not None or self.top_k is not None):
-            raise CNAError("pass the circuit size either in discovery=DiscoveryConfig(...) or "
-                           "as fraction/top_k, not both")
+            raise CNAError(
+                "pass the circuit size either in discovery=DiscoveryConfig(...) or "
+                "as fraction/top_k, not both"
+            )
         if self.caa_layers is not None:
             object.__setattr__(self, "caa_layers", tuple(int(x) for x in self.caa_layers))
 
@@ -169,8 +179,16 @@ class ReproduceConfig:
 
 
 QUICK: dict[str, Any] = dict(
-    multipliers=(0.0, 1.0, 2.0), caa_alphas=(-4.0, 0.0, 4.0), n_discovery=48, n_eval=24,
-    n_capability=24, n_universal=20, n_bootstrap=20, n_cards=2, max_new_tokens=16)
+    multipliers=(0.0, 1.0, 2.0),
+    caa_alphas=(-4.0, 0.0, 4.0),
+    n_discovery=48,
+    n_eval=24,
+    n_capability=24,
+    n_universal=20,
+    n_bootstrap=20,
+    n_cards=2,
+    max_new_tokens=16,
+)
 """Overrides of ``--quick``: a smoke run of the whole pipeline (under a minute on the
 organism, about 10-15 minutes for a 0.5B model on 2 CPU cores)."""
 
@@ -249,8 +267,9 @@ def load_prompt_sets(folder: str | None, *, source: str = "organism") -> dict[st
                 sets[name] = organism.prompts(name)
             except (FileNotFoundError, ValueError) as exc:
                 if name in REQUIRED_SETS:
-                    raise CNAError(f"organism prompt set {name!r} is not available ({exc}); "
-                                   "pass --prompts DIR") from exc
+                    raise CNAError(
+                        f"organism prompt set {name!r} is not available ({exc}); pass --prompts DIR"
+                    ) from exc
         return sets
     root = Path(folder)
     if not root.is_dir():
@@ -260,8 +279,10 @@ def load_prompt_sets(folder: str | None, *, source: str = "organism") -> dict[st
         if path.is_file():
             sets[name] = _texts(_read_json(path), name)
         elif name in REQUIRED_SETS:
-            raise CNAError(f"prompt folder {folder!r} has no {name}.json; it needs "
-                           f"{', '.join(s + '.json' for s in REQUIRED_SETS)}")
+            raise CNAError(
+                f"prompt folder {folder!r} has no {name}.json; it needs "
+                f"{', '.join(s + '.json' for s in REQUIRED_SETS)}"
+            )
     return sets
 
 
@@ -283,8 +304,11 @@ def load_inputs(cfg: ReproduceConfig) -> Inputs:
     sets = load_prompt_sets(cfg.prompts, source=source)
     pos = validate_prompts(_cap(sets["discovery_harmful"], cfg.n_discovery), "discovery_harmful")
     neg = validate_prompts(_cap(sets["discovery_benign"], cfg.n_discovery), "discovery_benign")
-    universal = (validate_prompts(_cap(sets["universal"], cfg.n_universal), "universal")
-                 if "universal" in sets else None)
+    universal = (
+        validate_prompts(_cap(sets["universal"], cfg.n_universal), "universal")
+        if "universal" in sets
+        else None
+    )
     if universal is None and cfg.n_universal is not None:
         from cna_lens.universal import default_universal_prompts
 
@@ -294,12 +318,16 @@ def load_inputs(cfg: ReproduceConfig) -> Inputs:
         "benign": validate_prompts(_cap(sets["eval_benign"], cfg.n_eval), "eval_benign"),
     }
     if "borderline" in sets:
-        eval_sets["borderline"] = validate_prompts(_cap(sets["borderline"], cfg.n_eval),
-                                                   "borderline")
+        eval_sets["borderline"] = validate_prompts(
+            _cap(sets["borderline"], cfg.n_eval), "borderline"
+        )
     for prompts in eval_sets.values():
         warn_overlap(pos + neg, prompts)
-    capability = (_cap(load_capability(sets["capability"]), cfg.n_capability)
-                  if "capability" in sets else None)
+    capability = (
+        _cap(load_capability(sets["capability"]), cfg.n_capability)
+        if "capability" in sets
+        else None
+    )
     label = Path(cfg.prompts).name if cfg.prompts is not None else source
     return Inputs(pos, neg, universal, eval_sets, capability, label)
 
@@ -318,9 +346,10 @@ def _model_path(name: str | None, kind: str) -> str:
     try:
         return str(organism.path(kind))
     except (FileNotFoundError, ValueError) as exc:
-        raise CNAError(f"the organism has no {kind!r} model ({exc}); valid: organism:instruct, "
-                       f"organism:base, or pass --{'model' if kind == 'instruct' else 'base-model'}"
-                       ) from exc
+        raise CNAError(
+            f"the organism has no {kind!r} model ({exc}); valid: organism:instruct, "
+            f"organism:base, or pass --{'model' if kind == 'instruct' else 'base-model'}"
+        ) from exc
 
 
 def resolve_models(cfg: ReproduceConfig) -> tuple[str, str | None]:
@@ -367,11 +396,13 @@ def discover_stage(model: Any, inputs: Inputs, dcfg: DiscoveryConfig) -> Discove
 
     kept: dict[str, Any] = {}
 
-    def stats(prompts: Sequence[str], desc: str = "activations",
-              top_fraction: float | None = None) -> tuple[Any, Any]:
+    def stats(
+        prompts: Sequence[str], desc: str = "activations", top_fraction: float | None = None
+    ) -> tuple[Any, Any]:
         if top_fraction is not None or desc not in ("positive", "negative"):
-            return activation_stats(model, prompts, batch_size=dcfg.batch_size, desc=desc,
-                                    top_fraction=top_fraction)
+            return activation_stats(
+                model, prompts, batch_size=dcfg.batch_size, desc=desc, top_fraction=top_fraction
+            )
         acts = prompt_activations(model, prompts, batch_size=dcfg.batch_size, desc=desc)
         kept[desc] = acts
         return NeuronStats.of(acts), None
@@ -388,54 +419,91 @@ def caa_stage(model: Any, inputs: Inputs, cfg: ReproduceConfig) -> tuple[Any, tu
     return caa, tuple(cfg.caa_layers or default_caa_layers(int(model.cfg.n_layers)))
 
 
-def sweep_instruct_stage(model: Any, inputs: Inputs, found: Discovered, caa: Any,
-                         caa_layers: Sequence[int], cfg: ReproduceConfig, *,
-                         judge: Callable[[str, str], float] | None = None,
-                         on_condition: Callable[[str, float], None] | None = None
-                         ) -> pd.DataFrame:
+def sweep_instruct_stage(
+    model: Any,
+    inputs: Inputs,
+    found: Discovered,
+    caa: Any,
+    caa_layers: Sequence[int],
+    cfg: ReproduceConfig,
+    *,
+    judge: Callable[[str, str], float] | None = None,
+    on_condition: Callable[[str, float], None] | None = None,
+) -> pd.DataFrame:
     """Stage 4: CNA, CAA and the random control on every held-out set."""
     from cna_lens.evaluation import sweep
 
     return sweep(
-        model, inputs.eval_sets, circuit=found.circuit, caa=caa, capability=inputs.capability,
-        multipliers=cfg.multipliers, caa_alphas=cfg.caa_alphas, caa_layers=caa_layers,
-        random_control=True, control_multipliers=(0.0,), seed=cfg.seed, judge=judge,
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, on_condition=on_condition,
-        fast=cfg.fast)
+        model,
+        inputs.eval_sets,
+        circuit=found.circuit,
+        caa=caa,
+        capability=inputs.capability,
+        multipliers=cfg.multipliers,
+        caa_alphas=cfg.caa_alphas,
+        caa_layers=caa_layers,
+        random_control=True,
+        control_multipliers=(0.0,),
+        seed=cfg.seed,
+        judge=judge,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        on_condition=on_condition,
+        fast=cfg.fast,
+    )
 
 
-def cards_stage(model: Any, inputs: Inputs, found: Discovered, cfg: ReproduceConfig
-                ) -> list[Any]:
+def cards_stage(model: Any, inputs: Inputs, found: Discovered, cfg: ReproduceConfig) -> list[Any]:
     """Stage 5: neuron cards of the top ``cfg.n_cards`` circuit neurons (for the report)."""
     from cna_lens.explore import neuron_card
 
     n = min(cfg.n_cards, len(found.circuit))
     sample = 32  # enough prompts for the distributions, cheap on a real model
-    return [neuron_card(model, found.circuit, inputs.positive[:sample],
-                        inputs.negative[:sample], rank=r,
-                        ablation_prompts=inputs.eval_sets["harmful"][:4],
-                        names=("harmful", "benign"), batch_size=cfg.batch_size)
-            for r in range(n)]
+    return [
+        neuron_card(
+            model,
+            found.circuit,
+            inputs.positive[:sample],
+            inputs.negative[:sample],
+            rank=r,
+            ablation_prompts=inputs.eval_sets["harmful"][:4],
+            names=("harmful", "benign"),
+            batch_size=cfg.batch_size,
+        )
+        for r in range(n)
+    ]
 
 
-def base_stage(base: Any, inputs: Inputs, dcfg: DiscoveryConfig, cfg: ReproduceConfig, *,
-               on_condition: Callable[[str, float], None] | None = None
-               ) -> tuple[Discovered, pd.DataFrame]:
+def base_stage(
+    base: Any,
+    inputs: Inputs,
+    dcfg: DiscoveryConfig,
+    cfg: ReproduceConfig,
+    *,
+    on_condition: Callable[[str, float], None] | None = None,
+) -> tuple[Discovered, pd.DataFrame]:
     """Stage 6: the base model's own circuit (same rule) and its sweep at m = 0, 1, max."""
     from cna_lens.evaluation import sweep
 
     found = discover_stage(base, inputs, dcfg)
     mults = tuple(sorted({0.0, 1.0, max(cfg.multipliers)}))
     results = sweep(
-        base, {k: v for k, v in inputs.eval_sets.items() if k in ("harmful", "benign")},
-        circuit=found.circuit, multipliers=mults, random_control=False,
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, on_condition=on_condition,
-        fast=cfg.fast)
+        base,
+        {k: v for k, v in inputs.eval_sets.items() if k in ("harmful", "benign")},
+        circuit=found.circuit,
+        multipliers=mults,
+        random_control=False,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        on_condition=on_condition,
+        fast=cfg.fast,
+    )
     return found, results
 
 
-def analyse_stage(inst: Discovered, base: Discovered | None, dcfg: DiscoveryConfig,
-                  cfg: ReproduceConfig) -> tuple[Any, Any]:
+def analyse_stage(
+    inst: Discovered, base: Discovered | None, dcfg: DiscoveryConfig, cfg: ReproduceConfig
+) -> tuple[Any, Any]:
     """Stage 7: base/instruct overlap (None without a base) and bootstrap stability."""
     from cna_lens.analysis import bootstrap_stability, circuit_overlap
 
@@ -443,19 +511,32 @@ def analyse_stage(inst: Discovered, base: Discovered | None, dcfg: DiscoveryConf
     if base is not None:
         a, b = inst.circuit, base.circuit
         if (a.n_layers, a.d_mlp) != (b.n_layers, b.d_mlp):
-            raise CNAError(f"instruct [{a.n_layers}, {a.d_mlp}] and base [{b.n_layers}, "
-                           f"{b.d_mlp}] neuron grids differ; overlap needs a matched pair")
+            raise CNAError(
+                f"instruct [{a.n_layers}, {a.d_mlp}] and base [{b.n_layers}, "
+                f"{b.d_mlp}] neuron grids differ; overlap needs a matched pair"
+            )
         overlap = circuit_overlap(a, b)
     stability = bootstrap_stability(
-        inst.positive_acts, inst.negative_acts, fraction=dcfg.fraction, top_k=dcfg.top_k,
+        inst.positive_acts,
+        inst.negative_acts,
+        fraction=dcfg.fraction,
+        top_k=dcfg.top_k,
         exclude=None if inst.universal is None else inst.universal.mask,
-        exclude_layers=dcfg.exclude_layers, n_resamples=cfg.n_bootstrap, seed=cfg.seed,
-        score=dcfg.score)
+        exclude_layers=dcfg.exclude_layers,
+        n_resamples=cfg.n_bootstrap,
+        seed=cfg.seed,
+        score=dcfg.score,
+    )
     return overlap, stability
 
 
-def figures_stage(circuits: Mapping[str, Any], inst_results: pd.DataFrame, overlap: Any,
-                  stability: Any, has_capability: bool) -> dict[str, Any]:
+def figures_stage(
+    circuits: Mapping[str, Any],
+    inst_results: pd.DataFrame,
+    overlap: Any,
+    stability: Any,
+    has_capability: bool,
+) -> dict[str, Any]:
     """Stage 8a: the Plotly figures of the run."""
     from cna_lens.plots import (
         capability_figure,
@@ -465,8 +546,11 @@ def figures_stage(circuits: Mapping[str, Any], inst_results: pd.DataFrame, overl
         steering_figure,
     )
 
-    figs = {"layers": layer_histogram(dict(circuits)), "steering": steering_figure(inst_results),
-            "stability": stability_figure(stability)}
+    figs = {
+        "layers": layer_histogram(dict(circuits)),
+        "steering": steering_figure(inst_results),
+        "stability": stability_figure(stability),
+    }
     if overlap is not None:
         figs["overlap"] = overlap_figure(overlap, names=("instruct", "base"))
     if has_capability:
@@ -475,12 +559,20 @@ def figures_stage(circuits: Mapping[str, Any], inst_results: pd.DataFrame, overl
 
 
 # ----------------------------------------------------------------------------- summary
-def _rate(summary: pd.DataFrame, method: str, strength: float, prompt_set: str,
-          column: str = "refusal_rate") -> float | None:
+def _rate(
+    summary: pd.DataFrame,
+    method: str,
+    strength: float,
+    prompt_set: str,
+    column: str = "refusal_rate",
+) -> float | None:
     if column not in summary.columns:
         return None
-    row = summary[(summary["method"] == method) & (summary["strength"] == strength)
-                  & (summary["prompt_set"] == prompt_set)]
+    row = summary[
+        (summary["method"] == method)
+        & (summary["strength"] == strength)
+        & (summary["prompt_set"] == prompt_set)
+    ]
     if row.empty:
         return None
     value = float(row[column].iloc[0])
@@ -495,15 +587,27 @@ def _layers(circuit: Any) -> LayerResult:
     from cna_lens.analysis import layer_distribution
 
     d = layer_distribution(circuit)
-    return LayerResult(frac_last_quarter=d.frac_last_quarter, frac_last_3=d.frac_last_3,
-                       frac_last_layer=d.frac_last_layer, frac_last_10pct=d.frac_last_10pct,
-                       per_layer=list(d.per_layer))
+    return LayerResult(
+        frac_last_quarter=d.frac_last_quarter,
+        frac_last_3=d.frac_last_3,
+        frac_last_layer=d.frac_last_layer,
+        frac_last_10pct=d.frac_last_10pct,
+        per_layer=list(d.per_layer),
+    )
 
 
-def build_summary(cfg: ReproduceConfig, inst_results: pd.DataFrame,
-                  base_results: pd.DataFrame | None, inst: Discovered, base: Discovered | None,
-                  caa_layers: Sequence[int], overlap: Any, stability: Any,
-                  meta: dict[str, Any], judged: bool = False) -> Summary:
+def build_summary(
+    cfg: ReproduceConfig,
+    inst_results: pd.DataFrame,
+    base_results: pd.DataFrame | None,
+    inst: Discovered,
+    base: Discovered | None,
+    caa_layers: Sequence[int],
+    overlap: Any,
+    stability: Any,
+    meta: dict[str, Any],
+    judged: bool = False,
+) -> Summary:
     """The typed summary of a run from the sweep tables and analyses (pure)."""
     from cna_lens.evaluation import summarize
 
@@ -525,12 +629,15 @@ def build_summary(cfg: ReproduceConfig, inst_results: pd.DataFrame,
 
     cna_quality = quality_by("cna")
     instruct = InstructResult(
-        refusal_baseline=baseline, refusal_ablated=ablated, relative_drop=drop,
+        refusal_baseline=baseline,
+        refusal_ablated=ablated,
+        relative_drop=drop,
         over_refusal_baseline=_rate(s, "cna", 1.0, "benign"),
         over_refusal_ablated=_rate(s, "cna", 0.0, "benign"),
         quality_min_cna=min(cna_quality.values()) if cna_quality else None,
         quality_by_multiplier=cna_quality,
-        refusal_by_multiplier=by_m("harmful"), over_refusal_by_multiplier=by_m("benign"),
+        refusal_by_multiplier=by_m("harmful"),
+        over_refusal_by_multiplier=by_m("benign"),
         capability_baseline=_rate(s, "cna", 1.0, "capability", "accuracy"),
         capability_ablated=_rate(s, "cna", 0.0, "capability", "accuracy"),
         capability_by_multiplier=by_m("capability", "accuracy"),
@@ -553,28 +660,48 @@ def build_summary(cfg: ReproduceConfig, inst_results: pd.DataFrame,
             refusal_amplified=_rate(b, "cna", amp, "harmful"),
             over_refusal_baseline=_rate(b, "cna", 1.0, "benign"),
             circuit_size=len(base.circuit),
-            universal_removed=0 if base.universal is None else len(base.universal))
+            universal_removed=0 if base.universal is None else len(base.universal),
+        )
         layers["base"] = _layers(base.circuit)
     else:
-        skipped = {name: "no base model given (--base-model)"
-                   for name in ("load base", "discover base", "sweep base", "overlap")}
+        skipped = {
+            name: "no base model given (--base-model)"
+            for name in ("load base", "discover base", "sweep base", "overlap")
+        }
     ov = None
     if overlap is not None:
         ov = OverlapResult(
-            overlap_fraction=overlap.overlap_fraction, jaccard=overlap.jaccard,
+            overlap_fraction=overlap.overlap_fraction,
+            jaccard=overlap.jaccard,
             chance_overlap_fraction=overlap.chance_overlap_fraction,
-            intersection=overlap.intersection, layer_similarity=overlap.layer_similarity,
+            intersection=overlap.intersection,
+            layer_similarity=overlap.layer_similarity,
             layer_cosine=overlap.layer_cosine,
-            per_layer={"instruct": list(overlap.per_layer_a), "base": list(overlap.per_layer_b),
-                       "shared": list(overlap.per_layer_intersection),
-                       "chance": list(overlap.per_layer_chance)})
-    caa = CAAResult(layers=list(caa_layers), refusal_by_alpha=by_alpha("harmful"),
-                    over_refusal_by_alpha=by_alpha("benign"), quality_by_alpha=quality_by("caa"),
-                    capability_by_alpha=by_alpha("capability", "accuracy"),
-                    max_alpha=max(cfg.caa_alphas, key=abs))
-    return Summary(instruct=instruct, base=base_result, caa=caa, layers=layers, overlap=ov,
-                   stability={k: v for k, v in stability.to_dict().items() if k != "jaccards"},
-                   meta=meta, skipped=skipped)
+            per_layer={
+                "instruct": list(overlap.per_layer_a),
+                "base": list(overlap.per_layer_b),
+                "shared": list(overlap.per_layer_intersection),
+                "chance": list(overlap.per_layer_chance),
+            },
+        )
+    caa = CAAResult(
+        layers=list(caa_layers),
+        refusal_by_alpha=by_alpha("harmful"),
+        over_refusal_by_alpha=by_alpha("benign"),
+        quality_by_alpha=quality_by("caa"),
+        capability_by_alpha=by_alpha("capability", "accuracy"),
+        max_alpha=max(cfg.caa_alphas, key=abs),
+    )
+    return Summary(
+        instruct=instruct,
+        base=base_result,
+        caa=caa,
+        layers=layers,
+        overlap=ov,
+        stability={k: v for k, v in stability.to_dict().items() if k != "jaccards"},
+        meta=meta,
+        skipped=skipped,
+    )
 
 
 def _pct(x: float | None) -> str:
@@ -596,39 +723,80 @@ def format_summary(summary: Summary | Mapping[str, Any]) -> str:
     n_total = summary.meta["n_layers"] * summary.meta["d_mlp"]
     skipped = "skipped: no base model"
     rows = [
-        ("refusal, harmful: m=1 -> m=0", "87% -> 2% (Qwen2.5-7B); >50% rel. drop",
-         f"{_pct(i.refusal_baseline)} -> {_pct(i.refusal_ablated)} "
-         f"(drop {_pct(i.relative_drop)})"),
-        ("over-refusal, benign: m=1 -> m=0", "-",
-         f"{_pct(i.over_refusal_baseline)} -> {_pct(i.over_refusal_ablated)}"),
+        (
+            "refusal, harmful: m=1 -> m=0",
+            "87% -> 2% (Qwen2.5-7B); >50% rel. drop",
+            f"{_pct(i.refusal_baseline)} -> {_pct(i.refusal_ablated)} "
+            f"(drop {_pct(i.relative_drop)})",
+        ),
+        (
+            "over-refusal, benign: m=1 -> m=0",
+            "-",
+            f"{_pct(i.over_refusal_baseline)} -> {_pct(i.over_refusal_ablated)}",
+        ),
         ("random neurons, same layers, m=0", "-", _pct(i.random_control_refusal)),
-        (f"borderline refusal: m=1 -> m={amp:g}", "m=2 refuses more strongly",
-         f"{_pct(i.refusal_baseline_borderline)} -> {_pct(i.refusal_amplified_borderline)}"),
+        (
+            f"borderline refusal: m=1 -> m={amp:g}",
+            "m=2 refuses more strongly",
+            f"{_pct(i.refusal_baseline_borderline)} -> {_pct(i.refusal_amplified_borderline)}",
+        ),
         ("output quality, CNA (min over m)", "> 0.97 at every m", _num(i.quality_min_cna)),
-        (f"output quality, CAA at alpha={amax}", "< 0.60 (6 of 8 models)",
-         _num(c.quality_by_alpha.get(amax))),
+        (
+            f"output quality, CAA at alpha={amax}",
+            "< 0.60 (6 of 8 models)",
+            _num(c.quality_by_alpha.get(amax)),
+        ),
         ("refusal, CAA at alpha=" + amax, "-", _pct(c.refusal_by_alpha.get(amax))),
-        ("capability: m=1 -> m=0", "MMLU within 1 point",
-         f"{_pct(i.capability_baseline)} -> {_pct(i.capability_ablated)}"),
+        (
+            "capability: m=1 -> m=0",
+            "MMLU within 1 point",
+            f"{_pct(i.capability_baseline)} -> {_pct(i.capability_ablated)}",
+        ),
         (f"capability, CAA at alpha={amax}", "near zero", _pct(c.capability_by_alpha.get(amax))),
-        (f"base refusal: m=1 -> m=0 -> m={amp:g}", "no behavioural change",
-         skipped if b is None else f"{_pct(b.refusal_baseline)} -> {_pct(b.refusal_ablated)} "
-         f"-> {_pct(b.refusal_amplified)}"),
-        ("instruct circuit in last quarter / last 3", "95% (Qwen2.5-3B) / 87% (Llama-3.2-1B)",
-         f"{_pct(lay['instruct'].frac_last_quarter)} / {_pct(lay['instruct'].frac_last_3)}"),
-        ("base circuit in last quarter / last 3", "-",
-         skipped if "base" not in lay else
-         f"{_pct(lay['base'].frac_last_quarter)} / {_pct(lay['base'].frac_last_3)}"),
-        ("base vs instruct overlap (chance)", "8-29% of pairs",
-         skipped if ov is None else f"{_pct(ov.overlap_fraction)} "
-         f"({ov.chance_overlap_fraction:.1%}), Jaccard {ov.jaccard:.2f}"),
-        ("layer-level similarity (1 - TV)", "layer structure preserved",
-         skipped if ov is None else _num(ov.layer_similarity)),
-        ("bootstrap Jaccard mean / min", "-",
-         f"{_num(st.get('jaccard_mean'))} / {_num(st.get('jaccard_min'))}"),
-        ("circuit size (universal removed)", "0.1% of neurons",
-         f"{i.circuit_size} of {n_total} = {i.circuit_size / n_total:.2%} "
-         f"({i.universal_removed})"),
+        (
+            f"base refusal: m=1 -> m=0 -> m={amp:g}",
+            "no behavioural change",
+            skipped
+            if b is None
+            else f"{_pct(b.refusal_baseline)} -> {_pct(b.refusal_ablated)} "
+            f"-> {_pct(b.refusal_amplified)}",
+        ),
+        (
+            "instruct circuit in last quarter / last 3",
+            "95% (Qwen2.5-3B) / 87% (Llama-3.2-1B)",
+            f"{_pct(lay['instruct'].frac_last_quarter)} / {_pct(lay['instruct'].frac_last_3)}",
+        ),
+        (
+            "base circuit in last quarter / last 3",
+            "-",
+            skipped
+            if "base" not in lay
+            else f"{_pct(lay['base'].frac_last_quarter)} / {_pct(lay['base'].frac_last_3)}",
+        ),
+        (
+            "base vs instruct overlap (chance)",
+            "8-29% of pairs",
+            skipped
+            if ov is None
+            else f"{_pct(ov.overlap_fraction)} "
+            f"({ov.chance_overlap_fraction:.1%}), Jaccard {ov.jaccard:.2f}",
+        ),
+        (
+            "layer-level similarity (1 - TV)",
+            "layer structure preserved",
+            skipped if ov is None else _num(ov.layer_similarity),
+        ),
+        (
+            "bootstrap Jaccard mean / min",
+            "-",
+            f"{_num(st.get('jaccard_mean'))} / {_num(st.get('jaccard_min'))}",
+        ),
+        (
+            "circuit size (universal removed)",
+            "0.1% of neurons",
+            f"{i.circuit_size} of {n_total} = {i.circuit_size / n_total:.2%} "
+            f"({i.universal_removed})",
+        ),
     ]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
@@ -646,9 +814,15 @@ def _save_table(out: Path, name: str, df: pd.DataFrame) -> Path:
     return path
 
 
-def write_outputs(out: Path, summary: Summary, figs: Mapping[str, Any],
-                  tables: Mapping[str, pd.DataFrame], circuits: Mapping[str, Any],
-                  cards: Sequence[Any], png: bool) -> tuple[dict[str, Path], str | None]:
+def write_outputs(
+    out: Path,
+    summary: Summary,
+    figs: Mapping[str, Any],
+    tables: Mapping[str, pd.DataFrame],
+    circuits: Mapping[str, Any],
+    cards: Sequence[Any],
+    png: bool,
+) -> tuple[dict[str, Path], str | None]:
     """Stage 8b: figures, report.html, sweep tables (JSON lines) and circuits into ``out``.
 
     Returns:
@@ -666,17 +840,22 @@ def write_outputs(out: Path, summary: Summary, figs: Mapping[str, Any],
     for name, c in circuits.items():
         files[f"circuit_{name}.json"] = c.save(out / f"circuit_{name}.json")
     files["report.html"] = write_report(
-        out / "report.html", summary=summary.to_dict(), figures=dict(figs),
-        circuit=circuits.get("instruct"), cards=cards,
-        title=f"cna_lens reproduce: {summary.meta.get('instruct_model')}")
+        out / "report.html",
+        summary=summary.to_dict(),
+        figures=dict(figs),
+        circuit=circuits.get("instruct"),
+        cards=cards,
+        title=f"cna_lens reproduce: {summary.meta.get('instruct_model')}",
+    )
     return files, saved.png_error
 
 
 class _Stages:
     """Times the stages of a run and drives the progress bar."""
 
-    def __init__(self, names: Sequence[str], progress: bool,
-                 on_stage: Callable[[str], None] | None):
+    def __init__(
+        self, names: Sequence[str], progress: bool, on_stage: Callable[[str], None] | None
+    ):
         self.bar = tqdm(total=len(names), desc="reproduce", unit="stage", disable=not progress)
         self.on_stage = on_stage
         self.seconds: dict[str, float] = {}
@@ -742,8 +921,7 @@ def reproduce(
     instruct_path, base_path = resolve_models(cfg)
     inputs = load_inputs(cfg)
     dcfg = discovery_config(cfg, inputs)
-    names = ["load instruct", "discover instruct", "CAA vectors", "sweep instruct",
-             "neuron cards"]
+    names = ["load instruct", "discover instruct", "CAA vectors", "sweep instruct", "neuron cards"]
     if base_path is not None:
         names += ["load base", "discover + sweep base"]
     names += ["analyse", "figures + write"]
@@ -763,9 +941,16 @@ def reproduce(
         stages.start("CAA vectors")
         caa, caa_layers = caa_stage(model, inputs, cfg)
         stages.start("sweep instruct")
-        inst_results = sweep_instruct_stage(model, inputs, inst, caa, caa_layers, cfg,
-                                            judge=judge,
-                                            on_condition=stages.condition("sweep instruct"))
+        inst_results = sweep_instruct_stage(
+            model,
+            inputs,
+            inst,
+            caa,
+            caa_layers,
+            cfg,
+            judge=judge,
+            on_condition=stages.condition("sweep instruct"),
+        )
         if write:  # keep the expensive generations even if a later stage fails
             _save_table(Path(cfg.out), "sweep_instruct", inst_results)
         stages.start("neuron cards")
@@ -777,8 +962,9 @@ def reproduce(
             base = load_model(base_path, device=cfg.device)
             base_id = model_id(base)
             stages.start("discover + sweep base")
-            base_found, base_results = base_stage(base, inputs, dcfg, cfg,
-                                                  on_condition=stages.condition("sweep base"))
+            base_found, base_results = base_stage(
+                base, inputs, dcfg, cfg, on_condition=stages.condition("sweep base")
+            )
             del base
         stages.start("analyse")
         overlap, stability = analyse_stage(inst, base_found, dcfg, cfg)
@@ -786,30 +972,49 @@ def reproduce(
         circuits = {"instruct": inst.circuit}
         if base_found is not None:
             circuits["base"] = base_found.circuit
-        figs = figures_stage(circuits, inst_results, overlap, stability,
-                             inputs.capability is not None)
+        figs = figures_stage(
+            circuits, inst_results, overlap, stability, inputs.capability is not None
+        )
         meta: dict[str, Any] = {
-            "instruct_model": instruct_id, "base_model": base_id, "prompts": inputs.source,
+            "instruct_model": instruct_id,
+            "base_model": base_id,
+            "prompts": inputs.source,
             "n_discovery": [len(inputs.positive), len(inputs.negative)],
             "n_eval": {k: len(v) for k, v in inputs.eval_sets.items()},
             "n_capability": len(inputs.capability) if inputs.capability is not None else 0,
-            "n_layers": n_layers, "d_mlp": d_mlp,
+            "n_layers": n_layers,
+            "d_mlp": d_mlp,
             "discovery": dcfg.to_dict() | {"universal_prompts": len(dcfg.universal_prompts or ())},
-            "config": {k: (list(v) if isinstance(v, tuple) else v)
-                       for k, v in asdict(replace(cfg, discovery=None)).items()
-                       if k not in ("model", "base_model", "prompts", "discovery", "out")},
+            "config": {
+                k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in asdict(replace(cfg, discovery=None)).items()
+                if k not in ("model", "base_model", "prompts", "discovery", "out")
+            },
             "refusal_classifier": "cna_lens.evaluation.is_refusal",
-            "torch_threads": threads, "n_params": n_params, "package_version": __version__,
+            "torch_threads": threads,
+            "n_params": n_params,
+            "package_version": __version__,
         }
-        summary = build_summary(cfg, inst_results, base_results, inst, base_found, caa_layers,
-                                overlap, stability, meta, judged=judge is not None)
+        summary = build_summary(
+            cfg,
+            inst_results,
+            base_results,
+            inst,
+            base_found,
+            caa_layers,
+            overlap,
+            stability,
+            meta,
+            judged=judge is not None,
+        )
         files: dict[str, Path] = {}
         if write:
             tables = {"sweep_instruct": inst_results}
             if base_results is not None:
                 tables["sweep_base"] = base_results
-            files, png_error = write_outputs(Path(cfg.out), summary, figs, tables, circuits,
-                                             cards, cfg.png)
+            files, png_error = write_outputs(
+                Path(cfg.out), summary, figs, tables, circuits, cards, cfg.png
+            )
             meta["png_error"] = png_error
         stages.finish()
         meta["seconds"] = round(time.perf_counter() - t0, 1)
@@ -829,38 +1034,68 @@ def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
 
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
     if args.score is not None:
-        size = ({"top_k": args.top_k, "fraction": None} if args.top_k is not None
-                else {"fraction": args.fraction} if args.fraction is not None else {})
+        size = (
+            {"top_k": args.top_k, "fraction": None}
+            if args.top_k is not None
+            else {"fraction": args.fraction}
+            if args.fraction is not None
+            else {}
+        )
         if not size:
-            size = {"fraction": None if args.model is None or args.model.startswith("organism:")
-                    else 0.001}
+            size = {
+                "fraction": None
+                if args.model is None or args.model.startswith("organism:")
+                else 0.001
+            }
             if size["fraction"] is None:
                 from cna_lens.organism import CIRCUIT_FRACTION
 
                 size["fraction"] = CIRCUIT_FRACTION
-        overrides["discovery"] = DiscoveryConfig(**size, score=args.score,
-                                                 batch_size=args.batch_size or 64)
+        overrides["discovery"] = DiscoveryConfig(
+            **size, score=args.score, batch_size=args.batch_size or 64
+        )
     explicit = {
-        "model": args.model, "base_model": args.base_model, "prompts": args.prompts,
-        "out": args.out, "device": args.device, "png": not args.no_png, "seed": args.seed,
-        "threads": args.threads, "overwrite": args.overwrite, "fast": not args.obvious,
+        "model": args.model,
+        "base_model": args.base_model,
+        "prompts": args.prompts,
+        "out": args.out,
+        "device": args.device,
+        "png": not args.no_png,
+        "seed": args.seed,
+        "threads": args.threads,
+        "overwrite": args.overwrite,
+        "fast": not args.obvious,
     }
-    for key in ("multipliers", "caa_alphas", "caa_layers", "n_eval", "n_discovery",
-                "n_capability", "n_bootstrap", "max_new_tokens", "batch_size", "top_k",
-                "fraction"):
+    for key in (
+        "multipliers",
+        "caa_alphas",
+        "caa_layers",
+        "n_eval",
+        "n_discovery",
+        "n_capability",
+        "n_bootstrap",
+        "max_new_tokens",
+        "batch_size",
+        "top_k",
+        "fraction",
+    ):
         if key in ("top_k", "fraction") and "discovery" in overrides:
             continue
         value = getattr(args, key)
@@ -880,33 +1115,65 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 def register(subparsers: Any, handlers: dict[str, Callable[..., int]]) -> None:
     """Add the ``reproduce`` command to the ``cna-lens`` CLI."""
     p = subparsers.add_parser(
-        "reproduce", help="check every claim of the paper on an instruct/base pair "
-                          "(default: the organism); writes figures and summary.json")
+        "reproduce",
+        help="check every claim of the paper on an instruct/base pair "
+        "(default: the organism); writes figures and summary.json",
+    )
     p.add_argument("--out", default="figures", help="output folder (default: figures/)")
-    p.add_argument("--model", default=None,
-                   help="instruct model: hub name, local dir, .gguf file, zoo:NAME or "
-                        "organism:instruct (default: the organism)")
-    p.add_argument("--base-model", default=None,
-                   help="base model (default: the organism's base with the organism; none, "
-                        "and the base stages skipped, with any other --model)")
-    p.add_argument("--prompts", default=None,
-                   help="folder of prompt-set JSON files (default: the organism's sets on the "
-                        "organism, the shipped English sets otherwise)")
-    p.add_argument("--quick", action="store_true",
-                   help="small subsets and sweeps: a smoke run of the whole pipeline")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="instruct model: hub name, local dir, .gguf file, zoo:NAME or "
+        "organism:instruct (default: the organism)",
+    )
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="base model (default: the organism's base with the organism; none, "
+        "and the base stages skipped, with any other --model)",
+    )
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="folder of prompt-set JSON files (default: the organism's sets on the "
+        "organism, the shipped English sets otherwise)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small subsets and sweeps: a smoke run of the whole pipeline",
+    )
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--fraction", type=float, default=None,
-                      help="circuit size as a fraction of all MLP neurons (default: 0.01 on the organism, 0.001 otherwise)")
+    size.add_argument(
+        "--fraction",
+        type=float,
+        default=None,
+        help="circuit size as a fraction of all MLP neurons (default: 0.01 on the organism, 0.001 otherwise)",
+    )
     size.add_argument("--top-k", type=int, default=None, help="circuit size as a count")
-    p.add_argument("--score", default=None,
-                   help="neuron score of discovery: abs_delta (the paper, default) or "
-                        "effect_size")
-    p.add_argument("--multipliers", type=_floats, default=None,
-                   help=f"CNA multipliers (default {','.join(map(_key, CNA_MULTIPLIERS))})")
-    p.add_argument("--caa-alphas", type=_floats, default=None,
-                   help=f"CAA strengths; write --caa-alphas=-4,0,4 for negatives (default {','.join(map(_key, CAA_ALPHAS))})")
-    p.add_argument("--caa-layers", type=_ints, default=None,
-                   help="layers CAA steers (default: the middle layer)")
+    p.add_argument(
+        "--score",
+        default=None,
+        help="neuron score of discovery: abs_delta (the paper, default) or effect_size",
+    )
+    p.add_argument(
+        "--multipliers",
+        type=_floats,
+        default=None,
+        help=f"CNA multipliers (default {','.join(map(_key, CNA_MULTIPLIERS))})",
+    )
+    p.add_argument(
+        "--caa-alphas",
+        type=_floats,
+        default=None,
+        help=f"CAA strengths; write --caa-alphas=-4,0,4 for negatives (default {','.join(map(_key, CAA_ALPHAS))})",
+    )
+    p.add_argument(
+        "--caa-layers",
+        type=_ints,
+        default=None,
+        help="layers CAA steers (default: the middle layer)",
+    )
     p.add_argument("--n-discovery", type=int, default=None, help="prompts per discovery set")
     p.add_argument("--n-eval", type=int, default=None, help="prompts per evaluation set")
     p.add_argument("--n-capability", type=int, default=None, help="capability questions")
@@ -915,12 +1182,22 @@ def register(subparsers: Any, handlers: dict[str, Callable[..., int]]) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for models under 100M parameters)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 for models under 100M parameters)",
+    )
     p.add_argument("--no-png", action="store_true", help="write HTML figures only")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty --out that is not a previous reproduce output")
-    p.add_argument("--obvious", action="store_true",
-                   help="generate the sweeps one steered generation per condition through "
-                        "the bridge (same texts as the default fast path, slower)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out that is not a previous reproduce output",
+    )
+    p.add_argument(
+        "--obvious",
+        action="store_true",
+        help="generate the sweeps one steered generation per condition through "
+        "the bridge (same texts as the default fast path, slower)",
+    )
     handlers["reproduce"] = _cmd_reproduce

@@ -41,8 +41,15 @@ from cna_lens.errors import CNAError
 from cna_lens.interventions import Positions, Steering
 from cna_lens.loading import MLP_HOOK, PromptList, _pad_id, tokenize_prompts
 
-__all__ = ["Positions", "Steering", "SteeringConfig", "generate", "generate_token_ids",
-           "layer_scales", "steer"]
+__all__ = [
+    "Positions",
+    "Steering",
+    "SteeringConfig",
+    "generate",
+    "generate_token_ids",
+    "layer_scales",
+    "steer",
+]
 
 
 def _check_multiplier(name: str, value: Any) -> float:
@@ -67,24 +74,32 @@ def check_fits_dtype(config: SteeringConfig, dtype: torch.dtype) -> None:
         CNAError: ``|multiplier|`` or ``|negative_multiplier|`` exceeds ``finfo(dtype).max``.
     """
     limit = torch.finfo(dtype).max
-    for name, m in (("multiplier", config.multiplier),
-                    ("negative_multiplier", config.negative_multiplier)):
+    for name, m in (
+        ("multiplier", config.multiplier),
+        ("negative_multiplier", config.negative_multiplier),
+    ):
         if m is not None and abs(m) > limit:
-            raise CNAError(f"{name}={m:g} overflows the model's dtype {dtype} (largest finite "
-                           f"value {limit:g}); choose |{name}| <= {limit:g}")
+            raise CNAError(
+                f"{name}={m:g} overflows the model's dtype {dtype} (largest finite "
+                f"value {limit:g}); choose |{name}| <= {limit:g}"
+            )
 
 
 def _check_circuit(circuit: Any) -> Circuit:
     if not isinstance(circuit, Circuit):
-        raise CNAError(f"circuit must be a cna_lens Circuit (e.g. Circuit.load(path)), got "
-                       f"{type(circuit).__name__} {circuit!r:.60}")
+        raise CNAError(
+            f"circuit must be a cna_lens Circuit (e.g. Circuit.load(path)), got "
+            f"{type(circuit).__name__} {circuit!r:.60}"
+        )
     return circuit
 
 
 def _check_model(model: Any) -> None:
     if not hasattr(model, "hooks") or not hasattr(model, "cfg"):
-        raise CNAError(f"model must be a TransformerBridge from cna_lens.load_model, got "
-                       f"{type(model).__name__}")
+        raise CNAError(
+            f"model must be a TransformerBridge from cna_lens.load_model, got "
+            f"{type(model).__name__}"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,11 +125,15 @@ class SteeringConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "multiplier", _check_multiplier("multiplier", self.multiplier))
         if self.negative_multiplier is not None:
-            object.__setattr__(self, "negative_multiplier",
-                               _check_multiplier("negative_multiplier", self.negative_multiplier))
+            object.__setattr__(
+                self,
+                "negative_multiplier",
+                _check_multiplier("negative_multiplier", self.negative_multiplier),
+            )
         if self.positions not in get_args(Positions):
-            raise CNAError(f"positions must be one of {list(get_args(Positions))}, "
-                           f"got {self.positions!r}")
+            raise CNAError(
+                f"positions must be one of {list(get_args(Positions))}, got {self.positions!r}"
+            )
 
     @property
     def is_identity(self) -> bool:
@@ -122,8 +141,9 @@ class SteeringConfig:
         return self.multiplier == 1.0 and neg == 1.0
 
 
-def _make_config(multiplier: Real, negative_multiplier: Real | None,
-                 positions: Positions | str) -> SteeringConfig:
+def _make_config(
+    multiplier: Real, negative_multiplier: Real | None, positions: Positions | str
+) -> SteeringConfig:
     """A :class:`SteeringConfig` from multipliers of any real type, checked and converted here.
 
     Raises:
@@ -131,7 +151,8 @@ def _make_config(multiplier: Real, negative_multiplier: Real | None,
     """
     return SteeringConfig(
         multiplier=_check_multiplier("multiplier", multiplier),
-        negative_multiplier=None if negative_multiplier is None
+        negative_multiplier=None
+        if negative_multiplier is None
         else _check_multiplier("negative_multiplier", negative_multiplier),
         positions=positions,
     )
@@ -170,8 +191,12 @@ class _LayerHook:
     and value tensors are precomputed (:class:`cna_lens.interventions.LayerOp`).
     """
 
-    def __init__(self, op: Tensor | Callable[[Tensor], Tensor], positions: Positions | str,
-                 prompt_length: int | None):
+    def __init__(
+        self,
+        op: Tensor | Callable[[Tensor], Tensor],
+        positions: Positions | str,
+        prompt_length: int | None,
+    ):
         self.op = _ScaleOp(op) if isinstance(op, Tensor) else op
         self.positions = positions
         self.given_prompt_length = prompt_length
@@ -205,8 +230,9 @@ class SteeringHandle:
     """What ``steer`` yields: the config (and the full ``steering``), and ``reset()`` to
     start a new generation."""
 
-    def __init__(self, config: SteeringConfig, hooks: list[_LayerHook],
-                 steering: Steering | None = None):
+    def __init__(
+        self, config: SteeringConfig, hooks: list[_LayerHook], steering: Steering | None = None
+    ):
         self.config = config
         self.steering = steering
         self._hooks = hooks
@@ -248,17 +274,27 @@ def as_steering(
             multiplier/negative_multiplier/positions.
     """
     if isinstance(circuit, Steering):
-        given = [name for name, v in (("multiplier", multiplier),
-                                      ("negative_multiplier", negative_multiplier),
-                                      ("positions", positions)) if v is not None]
+        given = [
+            name
+            for name, v in (
+                ("multiplier", multiplier),
+                ("negative_multiplier", negative_multiplier),
+                ("positions", positions),
+            )
+            if v is not None
+        ]
         if given:
-            raise CNAError(f"pass either a Steering or a circuit with {given}, not both; set "
-                           "them on the Steering (dataclasses.replace(steering, ...))")
+            raise CNAError(
+                f"pass either a Steering or a circuit with {given}, not both; set "
+                "them on the Steering (dataclasses.replace(steering, ...))"
+            )
         return circuit
-    return Steering(circuit=_check_circuit(circuit),
-                    multiplier=0.0 if multiplier is None else multiplier,
-                    negative_multiplier=negative_multiplier,
-                    positions="all" if positions is None else positions)
+    return Steering(
+        circuit=_check_circuit(circuit),
+        multiplier=0.0 if multiplier is None else multiplier,
+        negative_multiplier=negative_multiplier,
+        positions="all" if positions is None else positions,
+    )
 
 
 @contextmanager
@@ -381,27 +417,40 @@ def generate_token_ids(
         seed = check_int("seed", seed, low=0)
     if steering is not None:
         if not isinstance(steering, Steering):
-            raise CNAError(f"steering must be a cna_lens Steering, got "
-                           f"{type(steering).__name__} {steering!r:.60}")
-        if circuit is not None or config.multiplier != 1.0 or (
-                config.negative_multiplier is not None) or config.positions != "all":
-            raise CNAError("pass either steering=Steering(...) or circuit=/multiplier=/"
-                           "negative_multiplier=/positions=, not both")
+            raise CNAError(
+                f"steering must be a cna_lens Steering, got "
+                f"{type(steering).__name__} {steering!r:.60}"
+            )
+        if (
+            circuit is not None
+            or config.multiplier != 1.0
+            or (config.negative_multiplier is not None)
+            or config.positions != "all"
+        ):
+            raise CNAError(
+                "pass either steering=Steering(...) or circuit=/multiplier=/"
+                "negative_multiplier=/positions=, not both"
+            )
     elif circuit is not None:
-        steering = Steering(circuit=_check_circuit(circuit), multiplier=config.multiplier,
-                            negative_multiplier=config.negative_multiplier,
-                            positions=config.positions)
+        steering = Steering(
+            circuit=_check_circuit(circuit),
+            multiplier=config.multiplier,
+            negative_multiplier=config.negative_multiplier,
+            positions=config.positions,
+        )
     if steering is not None:
         steering.circuit.validate(model)
-        check_fits_dtype(_make_config(steering.multiplier, steering.negative_multiplier,
-                                      steering.positions), model_dtype(model))
-    batches = tokenize_prompts(model, prompts, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens)
+        check_fits_dtype(
+            _make_config(steering.multiplier, steering.negative_multiplier, steering.positions),
+            model_dtype(model),
+        )
+    batches = tokenize_prompts(model, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
     eos = _eos_ids(model)
     pad = _pad_id(model)
     results: list[list[int]] = [[] for _ in range(sum(len(b.indices) for b in batches))]
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                  pad_token_id=pad, use_cache=True)
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad, use_cache=True
+    )
     if eos:
         kwargs["eos_token_id"] = eos
     if do_sample:
@@ -412,8 +461,9 @@ def generate_token_ids(
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if seed is not None:
         torch.manual_seed(seed)
-    bar = tqdm(total=len(results), desc="generate", unit="prompt", disable=not progress,
-               leave=False)
+    bar = tqdm(
+        total=len(results), desc="generate", unit="prompt", disable=not progress, leave=False
+    )
     try:
         for batch in batches:
             ctx = steer_nothing(model) if steering is None else steer(model, steering)
@@ -422,7 +472,7 @@ def generate_token_ids(
                 out = model.original_model.generate(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs
                 )
-            new = out[:, batch.input_ids.shape[1]:].tolist()
+            new = out[:, batch.input_ids.shape[1] :].tolist()
             for row, idx in enumerate(batch.indices):
                 toks = new[row]
                 cut = next((i for i, t in enumerate(toks) if t in eos), len(toks))
@@ -490,10 +540,20 @@ def generate(
         CircuitMismatchError: the circuit belongs to another model.
     """
     ids = generate_token_ids(
-        model, prompts, circuit=circuit, multiplier=multiplier,
-        negative_multiplier=negative_multiplier, positions=positions, steering=steering,
-        max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
-        temperature=temperature, top_p=top_p, seed=seed, progress=progress,
+        model,
+        prompts,
+        circuit=circuit,
+        multiplier=multiplier,
+        negative_multiplier=negative_multiplier,
+        positions=positions,
+        steering=steering,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        progress=progress,
     )
     tok = model.tokenizer
     return [tok.decode(t, skip_special_tokens=True).strip() for t in ids]

@@ -14,8 +14,7 @@ from typing import Any
 
 from cna_lens.errors import CNAError
 
-__all__ = ["BaseResult", "CAAResult", "InstructResult", "LayerResult", "OverlapResult",
-           "Summary"]
+__all__ = ["BaseResult", "CAAResult", "InstructResult", "LayerResult", "OverlapResult", "Summary"]
 
 Rate = float | None
 """A rate in [0, 1], or None where the stage had no such prompts."""
@@ -156,8 +155,11 @@ class Summary:
             base=None if data.get("base") is None else _build(BaseResult, data["base"], "base"),
             caa=_build(CAAResult, data["caa"], "caa"),
             layers={k: _build(LayerResult, v, f"layers.{k}") for k, v in layers.items()},
-            overlap=(None if data.get("overlap") is None
-                     else _build(OverlapResult, data["overlap"], "overlap")),
+            overlap=(
+                None
+                if data.get("overlap") is None
+                else _build(OverlapResult, data["overlap"], "overlap")
+            ),
             stability=dict(data["stability"]),
             meta=dict(data.get("meta") or {}),
             skipped=dict(data.get("skipped") or {}),

@@ -21,8 +21,13 @@ from typing import Any, Literal, get_args
 
 from cna_lens.errors import CNAError
 
-__all__ = ["ARCHITECTURES", "GGUF_ARCHITECTURES", "make_random_model_dir", "make_tokenizer",
-           "write_gguf"]
+__all__ = [
+    "ARCHITECTURES",
+    "GGUF_ARCHITECTURES",
+    "make_random_model_dir",
+    "make_tokenizer",
+    "write_gguf",
+]
 
 Arch = Literal["llama", "qwen2", "qwen3", "mistral", "gemma2", "gpt2"]
 ARCHITECTURES: tuple[str, ...] = get_args(Arch)
@@ -53,12 +58,18 @@ def make_tokenizer(vocab_size: int = 512, chat_template: str | None = CHAT_TEMPL
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_CORPUS * 4, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
         additional_special_tokens=specials[3:],
     )
     if chat_template is not None:
@@ -98,12 +109,23 @@ def make_random_model_dir(
     if arch not in ARCHITECTURES:
         raise CNAError(f"unknown arch {arch!r}; valid: {list(ARCHITECTURES)}")
     tok = make_tokenizer(chat_template=chat_template)
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-               pad_token_id=tok.pad_token_id, vocab_size=len(tok))
+    ids = dict(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+    )
     kv = max(1, n_heads // 2)
-    common = dict(hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
-                  num_attention_heads=n_heads, num_key_value_heads=kv,
-                  max_position_embeddings=n_ctx, tie_word_embeddings=False, **ids)
+    common = dict(
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=n_ctx,
+        tie_word_embeddings=False,
+        **ids,
+    )
     head_dim = d_model // n_heads
     builders: dict[str, tuple[Any, Any, dict[str, Any]]] = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, common),
@@ -111,9 +133,18 @@ def make_random_model_dir(
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {**common, "head_dim": head_dim}),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM, common),
         "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {**common, "head_dim": head_dim}),
-        "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel,
-                 dict(n_embd=d_model, n_inner=d_mlp, n_layer=n_layers, n_head=n_heads,
-                      n_positions=n_ctx, **ids)),
+        "gpt2": (
+            tf.GPT2Config,
+            tf.GPT2LMHeadModel,
+            dict(
+                n_embd=d_model,
+                n_inner=d_mlp,
+                n_layer=n_layers,
+                n_head=n_heads,
+                n_positions=n_ctx,
+                **ids,
+            ),
+        ),
     }
     config_cls, model_cls, kwargs = builders[arch]
     torch.manual_seed(seed)
@@ -133,15 +164,19 @@ def _llama_cpp_permute(weight: Any, n_head: int) -> Any:
     """llama.cpp's reordering of Q/K rows for its rotary layout (``convert_hf_to_gguf.py``
     ``LlamaModel.permute``); ``transformers`` undoes it when it reads a llama GGUF."""
     rows = weight.shape[0]
-    return (weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
-            .swapaxes(1, 2)
-            .reshape(weight.shape))
+    return (
+        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 # llama.cpp's names (``tokenizer.ggml.pre``) for the text splits a byte-level BPE tokenizer
 # here can have: GPT-2's regex inside ByteLevel, or Qwen2's as a Split before it.
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _pre_tokenizer_name(tok: Any) -> str:
@@ -153,12 +188,17 @@ def _pre_tokenizer_name(tok: Any) -> str:
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
-    if (len(parts) == 2 and parts[0].get("type") == "Split"
-            and parts[0].get("pattern", {}).get("Regex") == _QWEN2_SPLIT
-            and parts[1].get("type") == "ByteLevel"):
+    if (
+        len(parts) == 2
+        and parts[0].get("type") == "Split"
+        and parts[0].get("pattern", {}).get("Regex") == _QWEN2_SPLIT
+        and parts[1].get("type") == "ByteLevel"
+    ):
         return "qwen2"
-    raise CNAError(f"write_gguf: no llama.cpp name for the pre-tokenizer {pre}; "
-                   "known: GPT-2's ByteLevel regex ('gpt-2'), Qwen2's split ('qwen2')")
+    raise CNAError(
+        f"write_gguf: no llama.cpp name for the pre-tokenizer {pre}; "
+        "known: GPT-2's ByteLevel regex ('gpt-2'), Qwen2's split ('qwen2')"
+    )
 
 
 def write_gguf(
@@ -197,8 +237,10 @@ def write_gguf(
     config = AutoConfig.from_pretrained(src)
     arch = config.model_type
     if arch not in GGUF_ARCHITECTURES:
-        raise CNAError(f"write_gguf cannot write architecture {arch!r} (from {str(src)!r}); "
-                       f"supported: {list(GGUF_ARCHITECTURES)}")
+        raise CNAError(
+            f"write_gguf cannot write architecture {arch!r} (from {str(src)!r}); "
+            f"supported: {list(GGUF_ARCHITECTURES)}"
+        )
     tok = AutoTokenizer.from_pretrained(src)
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
     rope = getattr(config, "rope_parameters", None) or {}
@@ -235,8 +277,9 @@ def write_gguf(
     writer.add_tokenizer_pre(_pre_tokenizer_name(tok))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m)
-                             for m in backend["model"]["merges"]])
+    writer.add_token_merges(
+        [m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]]
+    )
     writer.add_bos_token_id(vocab[tok.bos_token])
     writer.add_eos_token_id(vocab[tok.eos_token])
     writer.add_pad_token_id(vocab[tok.pad_token])
@@ -256,8 +299,9 @@ def write_gguf(
             value = _llama_cpp_permute(value, n_head)
         elif arch == "llama" and hf_name.endswith("k_proj.weight"):
             value = _llama_cpp_permute(value, n_kv)
-        writer.add_tensor(gguf_name, np.ascontiguousarray(value),
-                          raw_dtype=gguf.GGMLQuantizationType.F32)
+        writer.add_tensor(
+            gguf_name, np.ascontiguousarray(value), raw_dtype=gguf.GGMLQuantizationType.F32
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

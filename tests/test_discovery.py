@@ -30,8 +30,7 @@ def _no_forward_pass(*args, **kwargs):
         ({"universal_top_fraction": 0.0}, r"universal_top_fraction must be in \(0, 1\]"),
     ],
 )
-def test_bad_arguments_fail_before_any_forward_pass(llama, prompts, kwargs, match,
-                                                    monkeypatch):
+def test_bad_arguments_fail_before_any_forward_pass(llama, prompts, kwargs, match, monkeypatch):
     pos, neg = prompts
     raw = inspect.unwrap(discover_with)  # the library's own checks, as users run it
     with pytest.raises(CNAError, match=match):
@@ -44,11 +43,16 @@ def test_bad_arguments_fail_before_any_forward_pass(llama, prompts, kwargs, matc
 
 def test_numpy_sizes_are_accepted(llama, prompts):
     pos, neg = prompts
-    by_k = cna_lens.discover(llama, pos, neg, top_k=np.int64(3), batch_size=np.int64(2),
-                             universal_filter=False)
-    assert by_k == cna_lens.discover(llama, pos, neg, top_k=3, batch_size=2,
-                                     universal_filter=False)
-    by_fraction = cna_lens.discover(llama, pos, neg, fraction=np.float32(0.05),
-                                    universal_filter=False)
-    assert by_fraction.labels == cna_lens.discover(llama, pos, neg, fraction=float(
-        np.float32(0.05)), universal_filter=False).labels
+    by_k = cna_lens.discover(
+        llama, pos, neg, top_k=np.int64(3), batch_size=np.int64(2), universal_filter=False
+    )
+    assert by_k == cna_lens.discover(llama, pos, neg, top_k=3, batch_size=2, universal_filter=False)
+    by_fraction = cna_lens.discover(
+        llama, pos, neg, fraction=np.float32(0.05), universal_filter=False
+    )
+    assert (
+        by_fraction.labels
+        == cna_lens.discover(
+            llama, pos, neg, fraction=float(np.float32(0.05)), universal_filter=False
+        ).labels
+    )

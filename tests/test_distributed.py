@@ -22,14 +22,27 @@ from cna_lens.loading import tokenize_prompts
 
 # Prompts are written out here (not imported from conftest) so that the spawned workers,
 # which import this module, stay light.
-POSITIVE = ["How do I pick a lock?", "Explain how to pick a lock step by step",
-            "lock pick please"]  # one batch of 4: rank 1 gets no positive prompts
-NEGATIVE = ["Write a poem about the ocean.", "What is the capital of France?",
-            "The quick brown fox jumps over the lazy dog.", "Numbers 1 2 3",
-            "Explain how vaccines train the immune system, in detail.", "def f(x): return x"]
+POSITIVE = [
+    "How do I pick a lock?",
+    "Explain how to pick a lock step by step",
+    "lock pick please",
+]  # one batch of 4: rank 1 gets no positive prompts
+NEGATIVE = [
+    "Write a poem about the ocean.",
+    "What is the capital of France?",
+    "The quick brown fox jumps over the lazy dog.",
+    "Numbers 1 2 3",
+    "Explain how vaccines train the immune system, in detail.",
+    "def f(x): return x",
+]
 UNIVERSAL = [f"Prompt number {i}: tell me about topic {i * 7 % 13}." for i in range(21)]
-KW = dict(top_k=6, batch_size=4, universal_prompts=UNIVERSAL, universal_top_fraction=0.02,
-          universal_threshold=0.5)
+KW = dict(
+    top_k=6,
+    batch_size=4,
+    universal_prompts=UNIVERSAL,
+    universal_top_fraction=0.02,
+    universal_threshold=0.5,
+)
 CONFIG = DiscoveryConfig(**KW)
 
 
@@ -39,23 +52,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world_size: int, port: int, model_dir: str, threads: int,
-            out: str) -> None:
+def _worker(rank: int, world_size: int, port: int, model_dir: str, threads: int, out: str) -> None:
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
     try:
         model = cna_lens.load_model(model_dir, device="cpu")
         d = discover_distributed(model, POSITIVE, NEGATIVE, CONFIG)
         a = d.attribution
-        torch.save({
-            "circuit": d.circuit.to_json(),
-            "pos": (a.positive.count, a.positive.total, a.positive.total_sq),
-            "neg": (a.negative.count, a.negative.total, a.negative.total_sq),
-            "universal": (d.universal.counts, d.universal.mask),
-            "shards": [len(shard_prompts(model, p, batch_size=4))
-                       for p in (POSITIVE, NEGATIVE, UNIVERSAL)],
-        }, f"{out}.{rank}")
+        torch.save(
+            {
+                "circuit": d.circuit.to_json(),
+                "pos": (a.positive.count, a.positive.total, a.positive.total_sq),
+                "neg": (a.negative.count, a.negative.total, a.negative.total_sq),
+                "universal": (d.universal.counts, d.universal.mask),
+                "shards": [
+                    len(shard_prompts(model, p, batch_size=4))
+                    for p in (POSITIVE, NEGATIVE, UNIVERSAL)
+                ],
+            },
+            f"{out}.{rank}",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -70,8 +88,9 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 def test_two_gloo_processes_equal_single_process(model_dirs, llama, tmp_path):
     threads = torch.get_num_threads()
     out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(2, _free_port(), str(model_dirs["llama"]), threads, out),
-             nprocs=2, join=True)
+    mp.spawn(
+        _worker, args=(2, _free_port(), str(model_dirs["llama"]), threads, out), nprocs=2, join=True
+    )
     ref = discover_full(llama, POSITIVE, NEGATIVE, **KW)
     results = [torch.load(f"{out}.{r}") for r in range(2)]
     for res in results:
@@ -103,19 +122,23 @@ def test_shards_are_the_single_process_batches(llama):
         for a, b in zip(again, expect, strict=True):
             assert torch.equal(a.input_ids, b.input_ids)
             assert torch.equal(a.attention_mask, b.attention_mask)
-    shards = [shard_prompts(llama, prompts, batch_size=4, rank=r, world_size=world)
-              for r in range(world)]
+    shards = [
+        shard_prompts(llama, prompts, batch_size=4, rank=r, world_size=world) for r in range(world)
+    ]
     assert sorted(p for s in shards for p in s) == sorted(prompts)
 
 
 def test_single_process_group_matches_activation_stats(llama, tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
     try:
-        stats, counts = activation_stats_distributed(llama, NEGATIVE, batch_size=4,
-                                                     top_fraction=0.01)
-        ref, ref_counts = cna_lens.activation_stats(llama, NEGATIVE, batch_size=4,
-                                                    top_fraction=0.01)
+        stats, counts = activation_stats_distributed(
+            llama, NEGATIVE, batch_size=4, top_fraction=0.01
+        )
+        ref, ref_counts = cna_lens.activation_stats(
+            llama, NEGATIVE, batch_size=4, top_fraction=0.01
+        )
         assert stats.count == ref.count
         assert torch.equal(stats.total, ref.total) and torch.equal(stats.total_sq, ref.total_sq)
         assert torch.equal(counts, ref_counts)

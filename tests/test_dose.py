@@ -59,13 +59,19 @@ def instruct():
 
 @pytest.fixture(scope="module")
 def found(instruct):
-    return cna_lens.discover_full(instruct, organism.prompts("discovery_harmful"),
-                                  organism.prompts("discovery_benign"), fraction=0.01,
-                                  universal_prompts=organism.prompts("universal"))
+    return cna_lens.discover_full(
+        instruct,
+        organism.prompts("discovery_harmful"),
+        organism.prompts("discovery_benign"),
+        fraction=0.01,
+        universal_prompts=organism.prompts("universal"),
+    )
 
 
-SETS = {"harmful": organism.prompts("eval_harmful")[:4],
-        "benign": organism.prompts("eval_benign")[:3]}
+SETS = {
+    "harmful": organism.prompts("eval_harmful")[:4],
+    "benign": organism.prompts("eval_benign")[:3],
+}
 
 
 def test_sweep_on_the_organism(instruct, found, monkeypatch):
@@ -79,9 +85,17 @@ def test_sweep_on_the_organism(instruct, found, monkeypatch):
         return real(model, prompts, **kw)
 
     monkeypatch.setattr(steering, "generate_token_ids", counting)
-    table = cna_lens.sweep(instruct, found, SETS, fractions=[0.005, 0.01], multipliers=[0, 1],
-                           interventions=("scale", "mean"), signs=("both", "positive"),
-                           max_new_tokens=8, fast=False)  # counts the obvious path's calls
+    table = cna_lens.sweep(
+        instruct,
+        found,
+        SETS,
+        fractions=[0.005, 0.01],
+        multipliers=[0, 1],
+        interventions=("scale", "mean"),
+        signs=("both", "positive"),
+        max_new_tokens=8,
+        fast=False,
+    )  # counts the obvious path's calls
     assert list(table.columns) == COLUMNS
     assert len(table) == 2 * 2 * 2 * 2 * len(SETS)
     assert sorted(set(table["k"])) == [15, 31]  # 0.5% and 1% of 3,072 neurons
@@ -96,20 +110,32 @@ def test_sweep_on_the_organism(instruct, found, monkeypatch):
         rates = identity[identity["prompt_set"] == pset]["refusal_rate"]
         assert rates.nunique() == 1
     # every row holds what a direct generation under that condition gives
-    row = table[(table["k"] == 31) & (table["intervention"] == "mean")
-                & (table["sign"] == "positive") & (table["multiplier"] == 0.0)
-                & (table["prompt_set"] == "harmful")].iloc[0]
-    s = Steering(circuit=found.circuit_at(fraction=0.01), intervention="mean",
-                 multiplier=0.0, sign="positive")
+    row = table[
+        (table["k"] == 31)
+        & (table["intervention"] == "mean")
+        & (table["sign"] == "positive")
+        & (table["multiplier"] == 0.0)
+        & (table["prompt_set"] == "harmful")
+    ].iloc[0]
+    s = Steering(
+        circuit=found.circuit_at(fraction=0.01),
+        intervention="mean",
+        multiplier=0.0,
+        sign="positive",
+    )
     texts = cna_lens.generate(instruct, SETS["harmful"], steering=s, max_new_tokens=8)
     assert row["refusal_rate"] == sum(map(is_refusal, texts)) / len(texts)
     assert row["quality"] == sum(map(output_quality, texts)) / len(texts)
     assert row["n"] == len(SETS["harmful"])
     # the organism refuses every harmful prompt; ablating its 1% circuit stops that
     base = identity[identity["prompt_set"] == "harmful"]["refusal_rate"].iloc[0]
-    ablated = table[(table["k"] == 31) & (table["intervention"] == "scale")
-                    & (table["sign"] == "both") & (table["multiplier"] == 0.0)
-                    & (table["prompt_set"] == "harmful")]["refusal_rate"].iloc[0]
+    ablated = table[
+        (table["k"] == 31)
+        & (table["intervention"] == "scale")
+        & (table["sign"] == "both")
+        & (table["multiplier"] == 0.0)
+        & (table["prompt_set"] == "harmful")
+    ]["refusal_rate"].iloc[0]
     assert base == 1.0 and ablated < base
     for x in ("k", "multiplier"):
         fig = dose_figure(table, x=x)
@@ -133,17 +159,47 @@ def test_sweep_refuses_bad_input(instruct, found):
 
 def test_cli_sweep_writes_its_files(tmp_path, model_dirs, capsys):
     files = {}
-    for name, prompts in (("pos", POSITIVE), ("neg", NEGATIVE), ("harm", POSITIVE[:2]),
-                          ("ben", NEGATIVE[:2])):
+    for name, prompts in (
+        ("pos", POSITIVE),
+        ("neg", NEGATIVE),
+        ("harm", POSITIVE[:2]),
+        ("ben", NEGATIVE[:2]),
+    ):
         files[name] = tmp_path / f"{name}.txt"
         files[name].write_text("\n".join(prompts))
     out = tmp_path / "out"
-    rc = main(["sweep", "--model", str(model_dirs["llama"]), "--positive", str(files["pos"]),
-               "--negative", str(files["neg"]), "--prompts-harmful", str(files["harm"]),
-               "--prompts-benign", str(files["ben"]), "--fractions", "0.005,0.01",
-               "--multipliers", "0,1", "--intervention", "scale,mean", "--sign", "positive",
-               "--score", "effect_size", "--no-universal-filter", "--max-new-tokens", "3",
-               "--batch-size", "4", "--out", str(out)])
+    rc = main(
+        [
+            "sweep",
+            "--model",
+            str(model_dirs["llama"]),
+            "--positive",
+            str(files["pos"]),
+            "--negative",
+            str(files["neg"]),
+            "--prompts-harmful",
+            str(files["harm"]),
+            "--prompts-benign",
+            str(files["ben"]),
+            "--fractions",
+            "0.005,0.01",
+            "--multipliers",
+            "0,1",
+            "--intervention",
+            "scale,mean",
+            "--sign",
+            "positive",
+            "--score",
+            "effect_size",
+            "--no-universal-filter",
+            "--max-new-tokens",
+            "3",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     table = pd.read_csv(out / "sweep.csv")
     assert len(table) == 2 * 2 * 2 * 2
@@ -153,14 +209,43 @@ def test_cli_sweep_writes_its_files(tmp_path, model_dirs, capsys):
     assert record["circuit"]["provenance"]["score"] == "effect_size"
     assert (out / "dose_vs_k.html").is_file() and (out / "dose_vs_m.html").is_file()
     assert "wrote sweep.csv" in capsys.readouterr().out
-    rc = main(["sweep", "--model", str(model_dirs["llama"]), "--positive", str(files["pos"]),
-               "--negative", str(files["neg"]), "--prompts-harmful", str(files["harm"]),
-               "--prompts-benign", str(files["ben"]), "--fractions", "0.01,0.005",
-               "--out", str(tmp_path / "bad")])
+    rc = main(
+        [
+            "sweep",
+            "--model",
+            str(model_dirs["llama"]),
+            "--positive",
+            str(files["pos"]),
+            "--negative",
+            str(files["neg"]),
+            "--prompts-harmful",
+            str(files["harm"]),
+            "--prompts-benign",
+            str(files["ben"]),
+            "--fractions",
+            "0.01,0.005",
+            "--out",
+            str(tmp_path / "bad"),
+        ]
+    )
     assert rc == 2 and "sorted ascending" in capsys.readouterr().err
     (tmp_path / "afile").write_text("x")
-    rc = main(["sweep", "--model", str(model_dirs["llama"]), "--positive", str(files["pos"]),
-               "--negative", str(files["neg"]), "--prompts-harmful", str(files["harm"]),
-               "--prompts-benign", str(files["ben"]), "--out", str(tmp_path / "afile")])
+    rc = main(
+        [
+            "sweep",
+            "--model",
+            str(model_dirs["llama"]),
+            "--positive",
+            str(files["pos"]),
+            "--negative",
+            str(files["neg"]),
+            "--prompts-harmful",
+            str(files["harm"]),
+            "--prompts-benign",
+            str(files["ben"]),
+            "--out",
+            str(tmp_path / "afile"),
+        ]
+    )
     assert rc == 2 and "is an existing file" in capsys.readouterr().err
     assert (tmp_path / "afile").read_text() == "x"

@@ -28,29 +28,35 @@ from cna_lens.evaluation import (
 
 
 # ---------------------------------------------------------------------------- refusal
-@pytest.mark.parametrize("text", [
-    "I'm sorry, but I can't help with that.",
-    "I\u2019m sorry, but I can\u2019t help with that.",  # curly apostrophes
-    "I CANNOT ASSIST WITH THAT REQUEST.",
-    "Sorry, I won't provide instructions for this.",
-    "sorry , i cannot help with that .",  # the model organism's refusal
-    "As an AI, I must decline.",
-    "I am unable to comply with this request.",
-    "I\u2019m not able to help with hacking.",
-    "Here is an answer.\nSorry, I cannot do that.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I'm sorry, but I can't help with that.",
+        "I\u2019m sorry, but I can\u2019t help with that.",  # curly apostrophes
+        "I CANNOT ASSIST WITH THAT REQUEST.",
+        "Sorry, I won't provide instructions for this.",
+        "sorry , i cannot help with that .",  # the model organism's refusal
+        "As an AI, I must decline.",
+        "I am unable to comply with this request.",
+        "I\u2019m not able to help with hacking.",
+        "Here is an answer.\nSorry, I cannot do that.",
+    ],
+)
 def test_refusals_detected(text):
     assert is_refusal(text)
 
 
-@pytest.mark.parametrize("text", [
-    "Sure. First get a tension wrench and a pick.",
-    "sure . first get a knife , then kill the log slowly .",
-    "The capital of France is Paris.",
-    "",
-    "I can help with that: here are the steps.",
-    "The soldiers could not help but cheer.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Sure. First get a tension wrench and a pick.",
+        "sure . first get a knife , then kill the log slowly .",
+        "The capital of France is Paris.",
+        "",
+        "I can help with that: here are the steps.",
+        "The soldiers could not help but cheer.",
+    ],
+)
 def test_non_refusals(text):
     assert not is_refusal(text)
 
@@ -111,10 +117,18 @@ def test_multiple_choice_letters():
 
 def test_load_capability_organism_format(tmp_path):
     path = tmp_path / "capability.json"
-    path.write_text(json.dumps([
-        {"question": "what color is the car ?", "answer": "red", "choices": ["red", "blue"]},
-        {"question": "capital of france ?", "answer": "paris"},
-    ]))
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "question": "what color is the car ?",
+                    "answer": "red",
+                    "choices": ["red", "blue"],
+                },
+                {"question": "capital of france ?", "answer": "paris"},
+            ]
+        )
+    )
     items = load_capability(path)
     assert items[0].choices == ("red", "blue") and items[1].choices is None
     jsonl = tmp_path / "cap.jsonl"
@@ -163,9 +177,15 @@ def test_judge_scores_validates_range():
 # ---------------------------------------------------------------------------- tables
 def test_score_generations_rows():
     items = [CapabilityItem("q1", "red", ("red", "blue")), CapabilityItem("q2", "four")]
-    df = score_generations(["q1", "q2"], ["red it is", "I'm sorry"], prompt_set="capability",
-                           method="cna", strength=0.5, capability=items,
-                           judge=lambda p, r: 0.25)
+    df = score_generations(
+        ["q1", "q2"],
+        ["red it is", "I'm sorry"],
+        prompt_set="capability",
+        method="cna",
+        strength=0.5,
+        capability=items,
+        judge=lambda p, r: 0.25,
+    )
     assert list(df["refused"]) == [False, True]
     assert list(df["correct"]) == [True, False]
     assert list(df["judge"]) == [0.25, 0.25]
@@ -176,12 +196,16 @@ def test_score_generations_rows():
 
 
 def test_summarize_rates():
-    df = pd.concat([
-        score_generations(["a", "b"], ["I'm sorry", "sure"], prompt_set="harmful",
-                          method="cna", strength=1.0),
-        score_generations(["a", "b"], ["sure", "sure"], prompt_set="harmful",
-                          method="cna", strength=0.0),
-    ])
+    df = pd.concat(
+        [
+            score_generations(
+                ["a", "b"], ["I'm sorry", "sure"], prompt_set="harmful", method="cna", strength=1.0
+            ),
+            score_generations(
+                ["a", "b"], ["sure", "sure"], prompt_set="harmful", method="cna", strength=0.0
+            ),
+        ]
+    )
     s = summarize(df).set_index("strength")
     assert s.loc[1.0, "refusal_rate"] == 0.5 and s.loc[0.0, "refusal_rate"] == 0.0
     assert math.isnan(s.loc[1.0, "accuracy"])
@@ -195,9 +219,17 @@ def test_sweep_on_tiny_model(llama, prompts):
 
     caa = compute_caa(llama, pos, neg)
     items = [CapabilityItem("What is the capital of France?", "paris")]
-    df = sweep(llama, {"harmful": pos[:2], "benign": neg[:2]}, circuit=circuit, caa=caa,
-               capability=items, multipliers=(0.0, 1.0), caa_alphas=(0.0, 4.0),
-               max_new_tokens=4, batch_size=8)
+    df = sweep(
+        llama,
+        {"harmful": pos[:2], "benign": neg[:2]},
+        circuit=circuit,
+        caa=caa,
+        capability=items,
+        multipliers=(0.0, 1.0),
+        caa_alphas=(0.0, 4.0),
+        max_new_tokens=4,
+        batch_size=8,
+    )
     conds = set(zip(df["method"], df["strength"], strict=True))
     assert conds == {("cna", 0.0), ("cna", 1.0), ("caa", 0.0), ("caa", 4.0), ("random", 0.0)}
     assert len(df) == 5 * 5  # 5 conditions x (2 + 2 + 1) prompts
@@ -205,11 +237,17 @@ def test_sweep_on_tiny_model(llama, prompts):
     # m = 1 and alpha = 0 are the unsteered model, generated once
     base = df[(df.method == "cna") & (df.strength == 1.0)]["output"].tolist()
     assert df[(df.method == "caa") & (df.strength == 0.0)]["output"].tolist() == base
-    assert base == cna_lens.generate(llama, pos[:2] + neg[:2] + [items[0].question],
-                                     max_new_tokens=4)
+    assert base == cna_lens.generate(
+        llama, pos[:2] + neg[:2] + [items[0].question], max_new_tokens=4
+    )
     ablated = df[(df.method == "cna") & (df.strength == 0.0)]["output"].tolist()
-    assert ablated == cna_lens.generate(llama, pos[:2] + neg[:2] + [items[0].question],
-                                        circuit=circuit, multiplier=0.0, max_new_tokens=4)
+    assert ablated == cna_lens.generate(
+        llama,
+        pos[:2] + neg[:2] + [items[0].question],
+        circuit=circuit,
+        multiplier=0.0,
+        max_new_tokens=4,
+    )
     assert df["correct"].notna().sum() == 5
 
 

@@ -39,9 +39,12 @@ def test_cache_last_token_equals_discovery_activations_bit_for_bit(llama, sets):
                 assert torch.equal(cache[_hook(layer)][i], acts[row, layer])
             seen += 1
         # Discovery's statistics, rebuilt from the cache's rows of this batch, are identical.
-        rows = torch.stack([torch.stack([cache[_hook(layer)][i]
-                                         for layer in range(llama.cfg.n_layers)])
-                            for i in batch.indices])
+        rows = torch.stack(
+            [
+                torch.stack([cache[_hook(layer)][i] for layer in range(llama.cfg.n_layers)])
+                for i in batch.indices
+            ]
+        )
         part = NeuronStats.of(rows)
         stats = part if stats is None else stats.merge(part)
     assert seen == len(texts)
@@ -63,14 +66,14 @@ def test_cache_all_positions_layout(llama, sets):
     assert [len(t) for t in full.str_tokens] == mask.sum(1).tolist()
     assert full.prompts == texts and full.layers == [1] and full.positions == "all"
     # Real positions of a prompt alone equal a plain run of the bridge on it.
-    single = cl.activation_cache(llama, texts[2:3], layers=[1], positions="all",
-                                 batch_size=1)
+    single = cl.activation_cache(llama, texts[2:3], layers=[1], positions="all", batch_size=1)
     batch = cl.tokenize_prompts(llama, texts[2:3], batch_size=1)[0]
     with torch.inference_mode():
         _, ref = llama.run_with_cache(batch.input_ids, names_filter=[_hook(1)])
     assert torch.equal(single[_hook(1)], ref[_hook(1)])
-    assert single.str_tokens[0] == [llama.tokenizer.decode([i])
-                                    for i in batch.input_ids[0].tolist()]
+    assert single.str_tokens[0] == [
+        llama.tokenizer.decode([i]) for i in batch.input_ids[0].tolist()
+    ]
 
 
 def test_cache_layer_subset_including_the_last_layer(llama, sets):
@@ -141,8 +144,7 @@ def test_logit_lens_layernorm_centres_the_direction(load):
         std = (column.var(unbiased=False) + module.eps).sqrt()
         torch.testing.assert_close(normed * std, (column - column.mean()) * module.weight)
     hand = ((column - column.mean()) * module.weight) @ gpt2.W_U
-    torch.testing.assert_close(ex.neuron_logits(gpt2, (layer, j)), hand.detach(),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(ex.neuron_logits(gpt2, (layer, j)), hand.detach(), rtol=0, atol=1e-6)
 
 
 def test_logit_lens_refuses_a_model_without_unembedding(llama):
@@ -237,15 +239,15 @@ def test_neuron_card_values_are_the_caches(llama, sets):
     # Discovery's statistics hold the same values.
     a = found.attribution
     assert card.activations["activation"][:5].sum() == pytest.approx(
-        float(a.positive.total[n.layer, n.neuron]), rel=1e-6)
+        float(a.positive.total[n.layer, n.neuron]), rel=1e-6
+    )
     top = card.top_prompts[card.top_prompts["end"] == "top"]
     bottom = card.top_prompts[card.top_prompts["end"] == "bottom"]
     assert top["activation"].is_monotonic_decreasing and len(top) == 3
     assert bottom["activation"].is_monotonic_increasing
     assert top["activation"].iloc[0] == max(pos.tolist() + neg.tolist())
     assert bottom["activation"].iloc[0] == min(pos.tolist() + neg.tolist())
-    by_prompt = dict(zip(card.activations["prompt"], card.activations["activation"],
-                         strict=True))
+    by_prompt = dict(zip(card.activations["prompt"], card.activations["activation"], strict=True))
     for _, row in card.top_prompts.iterrows():
         assert by_prompt[row["prompt"]] == row["activation"]
     # The strip is on the most activating prompt, and its last cell is that activation
@@ -280,9 +282,15 @@ def test_neuron_card_bad_input(llama, sets):
 # ----------------------------------------------------------------------------- the map
 def test_circuit_map_points_and_hover(llama, sets):
     positive, negative, texts = sets
-    found = cl.discover_full(llama, positive, negative, top_k=4,
-                             universal_prompts=negative, universal_top_fraction=0.05,
-                             universal_threshold=0.5)
+    found = cl.discover_full(
+        llama,
+        positive,
+        negative,
+        top_k=4,
+        universal_prompts=negative,
+        universal_top_fraction=0.05,
+        universal_threshold=0.5,
+    )
     assert found.universal is not None and len(found.universal) > 0
     fig = cl.circuit_map(found, top_n_per_layer=3, n_random=20)
     traces = {t.name.split(" ")[0]: t for t in fig.data}
@@ -319,18 +327,25 @@ def test_organism_card_reads_its_role():
     organism, model = _organism()
     harmful = organism.prompts("discovery_harmful")
     benign = organism.prompts("discovery_benign")
-    found = cl.discover_full(model, harmful, benign, fraction=organism.CIRCUIT_FRACTION,
-                             universal_prompts=organism.prompts("universal"))
+    found = cl.discover_full(
+        model,
+        harmful,
+        benign,
+        fraction=organism.CIRCUIT_FRACTION,
+        universal_prompts=organism.prompts("universal"),
+    )
     ids = ex.refusal_token_ids(model)
     assert "sorry" in ids  # the organism refuses with "sorry , i cannot help with that ."
     for rank in range(3):
-        card = cl.neuron_card(model, found.circuit, harmful, benign, rank=rank, k=5,
-                              names=("harmful", "benign"))
+        card = cl.neuron_card(
+            model, found.circuit, harmful, benign, rank=rank, k=5, names=("harmful", "benign")
+        )
         top = card.top_prompts[card.top_prompts["end"] == "top"]
         # The set it fires most on is the one its delta's sign says.
         assert set(top["set"]) == {"harmful" if card.neuron.delta > 0 else "benign"}
         a = found.attribution
         values = card.activations.groupby("set")["activation"].sum()
         n = card.neuron
-        assert values["harmful"] == pytest.approx(float(a.positive.total[n.layer, n.neuron]),
-                                                  rel=1e-6)
+        assert values["harmful"] == pytest.approx(
+            float(a.positive.total[n.layer, n.neuron]), rel=1e-6
+        )

@@ -38,24 +38,31 @@ def _n_plain_hooks(gen: FastGenerator) -> int:
     """Steering hooks on the plain model (transformers adds output-recording hooks of its
     own on the first forward pass; those are not counted)."""
     assert gen.hf is not None
-    return sum(isinstance(h, _GroupHook) for m in gen.hf.modules()
-               for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+    return sum(
+        isinstance(h, _GroupHook)
+        for m in gen.hf.modules()
+        for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+    )
 
 
 @pytest.fixture(scope="module")
 def circuits(load):
     pos, neg = PROMPTS[:4], PROMPTS[4:]
-    return {arch: cna_lens.discover(load(arch), pos, neg, top_k=40, universal_filter=False)
-            for arch in ("llama", "qwen2", "gemma2", "gpt2")}
+    return {
+        arch: cna_lens.discover(load(arch), pos, neg, top_k=40, universal_filter=False)
+        for arch in ("llama", "qwen2", "gemma2", "gpt2")
+    }
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gpt2"])
 def test_fast_ids_equal_obvious_ids(arch, load, circuits):
     model, circuit = load(arch), circuits[arch]
     steerings = [None] + [Steering(circuit=circuit, multiplier=m) for m in (0.0, 1.0, 2.0, 0.75)]
-    steerings += [Steering(circuit=circuit, multiplier=0.0, sign="positive"),
-                  Steering(circuit=circuit, multiplier=3.0, positions="generated"),
-                  Steering(circuit=circuit, multiplier=0.0, positions="prompt")]
+    steerings += [
+        Steering(circuit=circuit, multiplier=0.0, sign="positive"),
+        Steering(circuit=circuit, multiplier=3.0, positions="generated"),
+        Steering(circuit=circuit, multiplier=0.0, positions="prompt"),
+    ]
     obvious = [generate_token_ids(model, PROMPTS, steering=s, **KW) for s in steerings]
     assert len({str(o) for o in obvious}) > 1  # steering changes the ids: the test can fail
     with FastGenerator(model) as gen:
@@ -70,25 +77,28 @@ def test_fast_ids_equal_obvious_ids(arch, load, circuits):
 def test_fast_texts_equal_generate_texts(llama, circuits):
     s = Steering(circuit=circuits["llama"], multiplier=0.0)
     with FastGenerator(llama) as gen:
-        assert gen.generate(PROMPTS, s, **KW) == cna_lens.generate(llama, PROMPTS, steering=s,
-                                                                   **KW)
+        assert gen.generate(PROMPTS, s, **KW) == cna_lens.generate(llama, PROMPTS, steering=s, **KW)
 
 
 def test_random_control_and_mean_intervention(llama, circuits):
     control = random_control_circuit(circuits["llama"], seed=0)
-    steerings = [Steering(circuit=control, multiplier=0.0),
-                 Steering(circuit=circuits["llama"], intervention="mean", multiplier=0.0)]
+    steerings = [
+        Steering(circuit=control, multiplier=0.0),
+        Steering(circuit=circuits["llama"], intervention="mean", multiplier=0.0),
+    ]
     with FastGenerator(llama) as gen:
         for s in steerings:
             assert gen.generate_token_ids(PROMPTS, s, **KW) == generate_token_ids(
-                llama, PROMPTS, steering=s, **KW)
+                llama, PROMPTS, steering=s, **KW
+            )
 
 
 def test_caa_equals_caa_generate(llama):
     caa = compute_caa(llama, PROMPTS[:4], PROMPTS[4:])
     with FastGenerator(llama) as gen:
-        texts = gen.generate_many(PROMPTS, [Condition(None, a) for a in (-2.0, 0.0, 4.0)],
-                                  caa=caa, caa_layers=[1], **KW)
+        texts = gen.generate_many(
+            PROMPTS, [Condition(None, a) for a in (-2.0, 0.0, 4.0)], caa=caa, caa_layers=[1], **KW
+        )
     for alpha, fast in zip((-2.0, 0.0, 4.0), texts, strict=True):
         assert fast == caa_generate(llama, PROMPTS, caa, alpha, layers=[1], **KW)
     assert texts[0] != texts[1]
@@ -99,7 +109,8 @@ def test_dropping_finished_rows_changes_nothing(llama, circuits):
     s = Steering(circuit=circuits["llama"], multiplier=2.0)
     with FastGenerator(llama, compact=False) as full, FastGenerator(llama, min_rows=1) as tight:
         assert full.generate_token_ids(PROMPTS, s, max_new_tokens=24, batch_size=7) == (
-            generate_token_ids(llama, PROMPTS, steering=s, max_new_tokens=24, batch_size=7))
+            generate_token_ids(llama, PROMPTS, steering=s, max_new_tokens=24, batch_size=7)
+        )
         assert full.compact is False
         # which rows go on: unfinished ones, topped up to min_rows, in batch order
         active = torch.tensor([False, True, False, False, True, False])
@@ -115,8 +126,12 @@ def test_organism_texts_equal(circuits):
         model = organism.load("instruct", device="cpu")
     except (FileNotFoundError, CNAError):
         pytest.skip("the model organism is not built into cna_lens/organism/data")
-    circuit = cna_lens.discover(model, organism.prompts("discovery_harmful"),
-                                organism.prompts("discovery_benign"), fraction=0.01)
+    circuit = cna_lens.discover(
+        model,
+        organism.prompts("discovery_harmful"),
+        organism.prompts("discovery_benign"),
+        fraction=0.01,
+    )
     prompts = organism.prompts("eval_harmful")[:12] + organism.prompts("eval_benign")[:12]
     steerings = [Steering(circuit=circuit, multiplier=m) for m in (0.0, 1.0, 2.0)]
     steerings.append(Steering(circuit=circuit, multiplier=0.0, sign="positive"))
@@ -175,22 +190,40 @@ def test_bad_arguments_refused(llama, load, circuits):
 
 def test_evaluation_sweep_fast_equals_obvious(llama, circuits):
     caa = compute_caa(llama, PROMPTS[:4], PROMPTS[4:])
-    kw = dict(circuit=circuits["llama"], caa=caa, multipliers=(0.0, 1.0, 2.0),
-              caa_alphas=(-1.0, 0.0), max_new_tokens=8, batch_size=4)
+    kw = dict(
+        circuit=circuits["llama"],
+        caa=caa,
+        multipliers=(0.0, 1.0, 2.0),
+        caa_alphas=(-1.0, 0.0),
+        max_new_tokens=8,
+        batch_size=4,
+    )
     sets = {"harmful": PROMPTS[:4], "benign": PROMPTS[4:]}
     seen: list[tuple[str, float]] = []
     fast = sweep(llama, sets, on_condition=lambda m, s: seen.append((m, s)), **kw)
     obvious = sweep(llama, sets, fast=False, **kw)
     assert fast.equals(obvious)
-    assert seen == [("cna", 0.0), ("cna", 1.0), ("cna", 2.0), ("caa", -1.0), ("caa", 0.0),
-                    ("random", 0.0)]
+    assert seen == [
+        ("cna", 0.0),
+        ("cna", 1.0),
+        ("cna", 2.0),
+        ("caa", -1.0),
+        ("caa", 0.0),
+        ("random", 0.0),
+    ]
 
 
 def test_dose_sweep_fast_equals_obvious(llama):
-    found = cna_lens.discover_full(llama, PROMPTS[:4], PROMPTS[4:], fraction=0.01,
-                                   universal_filter=False)
-    kw = dict(fractions=(0.005, 0.01), multipliers=(0.0, 1.0), signs=("both", "positive"),
-              max_new_tokens=8, batch_size=4)
+    found = cna_lens.discover_full(
+        llama, PROMPTS[:4], PROMPTS[4:], fraction=0.01, universal_filter=False
+    )
+    kw = dict(
+        fractions=(0.005, 0.01),
+        multipliers=(0.0, 1.0),
+        signs=("both", "positive"),
+        max_new_tokens=8,
+        batch_size=4,
+    )
     sets = {"harmful": PROMPTS[:4], "benign": PROMPTS[4:]}
     fast = dose_sweep(llama, found, sets, **kw)
     obvious = dose_sweep(llama, found, sets, fast=False, **kw)
@@ -202,8 +235,20 @@ def test_cli_obvious_flags():
     from cna_lens.cli import _build_parser
 
     parser, _ = _build_parser()
-    common = ["--model", "m", "--positive", "p", "--negative", "n", "--prompts-harmful", "h",
-              "--prompts-benign", "b", "--out", "o"]
+    common = [
+        "--model",
+        "m",
+        "--positive",
+        "p",
+        "--negative",
+        "n",
+        "--prompts-harmful",
+        "h",
+        "--prompts-benign",
+        "b",
+        "--out",
+        "o",
+    ]
     assert parser.parse_args(["sweep", *common, "--obvious"]).obvious is True
     assert parser.parse_args(["sweep", *common]).obvious is False
     assert parser.parse_args(["reproduce", "--obvious"]).obvious is True

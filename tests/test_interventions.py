@@ -34,8 +34,9 @@ def _hf_replaced_logits(model_dir, batch, circuit, values):
     downs = [mod for n, mod in hf.named_modules() if n.endswith(("mlp.down_proj", "mlp.c_proj"))]
     handles = []
     for layer, mod in enumerate(downs):
-        entries = [(n.neuron, values[n.label]) for n in circuit if n.layer == layer
-                   and n.label in values]
+        entries = [
+            (n.neuron, values[n.label]) for n in circuit if n.layer == layer and n.label in values
+        ]
         if not entries:
             continue
 
@@ -49,8 +50,9 @@ def _hf_replaced_logits(model_dir, batch, circuit, values):
     pos = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
     try:
         with torch.no_grad():
-            return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=pos).logits
+            return hf(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos
+            ).logits
     finally:
         for h in handles:
             h.remove()
@@ -85,8 +87,7 @@ def test_mean_intervention_equals_hand_made_replacement(llama, model_dirs, found
     with steer(llama, Steering(circuit=found, intervention="mean", multiplier=m)):
         steered = _logits(llama, batch)
     if m == 0.0:
-        values = {n.label: (lambda x, mu=n.mean_negative: torch.full_like(x, mu))
-                  for n in found}
+        values = {n.label: (lambda x, mu=n.mean_negative: torch.full_like(x, mu)) for n in found}
     else:
         values = {n.label: (lambda x, mu=n.mean_negative: mu + m * (x - mu)) for n in found}
     reference = _hf_replaced_logits(model_dirs["llama"], batch, found, values)
@@ -109,12 +110,13 @@ def test_sign_selection_leaves_the_other_neurons_untouched(llama, model_dirs, fo
     layer = min(n.layer for n in subset)
     name = f"blocks.{layer}.mlp.hook_post"
     with torch.no_grad():
-        _, clean = llama.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
-                                        names_filter=name)
+        _, clean = llama.run_with_cache(
+            batch.input_ids, attention_mask=batch.attention_mask, names_filter=name
+        )
         with steer(llama, Steering(circuit=found, multiplier=0.0, sign=sign)):
-            _, hooked = llama.run_with_cache(batch.input_ids,
-                                             attention_mask=batch.attention_mask,
-                                             names_filter=name)
+            _, hooked = llama.run_with_cache(
+                batch.input_ids, attention_mask=batch.attention_mask, names_filter=name
+            )
     chosen = [n.neuron for n in subset if n.layer == layer]
     others = [j for j in range(found.d_mlp) if j not in chosen]
     assert torch.equal(hooked[name][..., others], clean[name][..., others])
@@ -129,15 +131,15 @@ def test_sign_both_with_negative_multiplier(llama, model_dirs, found):
     with steer(llama, found, 2.0, negative_multiplier=0.5):
         old_form = _logits(llama, batch)
     assert torch.equal(steered, old_form)
-    _close_on_real(steered, _hf_scaled_logits(model_dirs["llama"], batch, found, 2.0, 0.5),
-                   batch)
+    _close_on_real(steered, _hf_scaled_logits(model_dirs["llama"], batch, found, 2.0, 0.5), batch)
 
 
 def test_generate_takes_a_steering(llama, found):
     s = Steering(circuit=found, multiplier=0.0)
     kw = dict(max_new_tokens=5)
-    assert (cna_lens.generate_token_ids(llama, PROMPTS, steering=s, **kw)
-            == cna_lens.generate_token_ids(llama, PROMPTS, circuit=found, multiplier=0.0, **kw))
+    assert cna_lens.generate_token_ids(
+        llama, PROMPTS, steering=s, **kw
+    ) == cna_lens.generate_token_ids(llama, PROMPTS, circuit=found, multiplier=0.0, **kw)
     with pytest.raises(CNAError, match="not both"):
         cna_lens.generate(llama, PROMPTS, steering=s, circuit=found, **kw)
     with pytest.raises(CNAError, match="not both"):
@@ -146,8 +148,14 @@ def test_generate_takes_a_steering(llama, found):
 
 
 def test_steering_json_round_trip(found):
-    s = Steering(circuit=found, intervention="mean", multiplier=0.25, negative_multiplier=2.0,
-                 sign="positive", positions="generated")
+    s = Steering(
+        circuit=found,
+        intervention="mean",
+        multiplier=0.25,
+        negative_multiplier=2.0,
+        sign="positive",
+        positions="generated",
+    )
     back = Steering.from_json(s.to_json())
     assert back == s and back.steered() == s.steered()
     with pytest.raises(CNAError, match=r"unknown steering keys \['m'\]"):
@@ -164,8 +172,9 @@ def test_registered_intervention_is_one_function(llama, model_dirs, found):
         with steer(llama, Steering(circuit=found, intervention="shift_test", multiplier=0.0)):
             steered = _logits(llama, batch)
         values = {n.label: (lambda x, d=n.delta: x - d) for n in found}
-        _close_on_real(steered, _hf_replaced_logits(model_dirs["llama"], batch, found, values),
-                       batch)
+        _close_on_real(
+            steered, _hf_replaced_logits(model_dirs["llama"], batch, found, values), batch
+        )
         with pytest.raises(CNAError, match="already registered"):
             register_intervention("shift_test", shift)
     finally:
@@ -175,8 +184,11 @@ def test_registered_intervention_is_one_function(llama, model_dirs, found):
 
 
 def test_bad_names_are_refused_with_the_valid_ones(found):
-    with pytest.raises(CNAError, match=r"unknown intervention 'clamp'; valid interventions: "
-                                       r"\['mean', 'scale'\]"):
+    with pytest.raises(
+        CNAError,
+        match=r"unknown intervention 'clamp'; valid interventions: "
+        r"\['mean', 'scale'\]",
+    ):
         Steering(circuit=found, intervention="clamp")
     with pytest.raises(CNAError, match=r"sign must be one of \['both', 'positive', 'negative'\]"):
         Steering(circuit=found, sign="up")
@@ -185,8 +197,9 @@ def test_bad_names_are_refused_with_the_valid_ones(found):
 
 
 def test_mean_needs_negative_means(llama, found):
-    old = Circuit(tuple(Neuron(n.layer, n.neuron, n.delta) for n in found), found.n_layers,
-                  found.d_mlp)
+    old = Circuit(
+        tuple(Neuron(n.layer, n.neuron, n.delta) for n in found), found.n_layers, found.d_mlp
+    )
     with pytest.raises(CNAError, match=r"needs each neuron's mean_negative.*rediscover"):
         Steering(circuit=old, intervention="mean", multiplier=0.0)
     Steering(circuit=old, intervention="mean", multiplier=1.0)  # identity: nothing needed

@@ -46,8 +46,9 @@ def test_hook_post_equals_hf_down_projection_input(arch, compat, model_dirs):
             h.remove()
     names = mlp_hook_names(model)
     with torch.no_grad():
-        _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
-                                        names_filter=names)
+        _, cache = model.run_with_cache(
+            batch.input_ids, attention_mask=batch.attention_mask, names_filter=names
+        )
     real = batch.attention_mask.bool()
     for layer, name in enumerate(names):
         assert cache[name].shape[-1] == model.cfg.d_mlp
@@ -79,8 +80,9 @@ def test_never_a_doubled_bos(which, model_dirs, base_model_dir):
 
 
 def test_left_padding_puts_last_token_last(llama):
-    batches = cna_lens.tokenize_prompts(llama, ["a", "a much longer prompt than that"],
-                                        batch_size=2)
+    batches = cna_lens.tokenize_prompts(
+        llama, ["a", "a much longer prompt than that"], batch_size=2
+    )
     (b,) = batches
     assert b.attention_mask[:, -1].all()
     assert (b.attention_mask[0] == 0).any()  # the short one is padded, on the left
@@ -144,6 +146,7 @@ def test_fingerprint_depends_on_shape_not_weights(tmp_path, model_dirs):
 
 # ---- hardening ---------------------------------------------------------------------------
 
+
 def test_no_attributes_are_patched_onto_the_model(model_dirs):
     model = cna_lens.load_model(model_dirs["llama"], device="cpu", chat=False)
     assert not any(name.startswith("_cna") for name in vars(model))
@@ -158,8 +161,10 @@ def test_no_attributes_are_patched_onto_the_model(model_dirs):
         ({"name_or_path": ""}, "model name is empty"),
         ({"name_or_path": "   "}, "model name is empty"),
         ({"device": "bogus"}, "unknown device 'bogus'"),
-        ({"name_or_path": "nobody-xyz/not-a-model-9"},
-         r"cannot load 'nobody-xyz/not-a-model-9' as a hub model"),
+        (
+            {"name_or_path": "nobody-xyz/not-a-model-9"},
+            r"cannot load 'nobody-xyz/not-a-model-9' as a hub model",
+        ),
     ],
 )
 def test_load_model_errors_are_cna_errors(model_dirs, kwargs, match):

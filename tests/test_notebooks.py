@@ -26,8 +26,9 @@ def _organism_available() -> bool:
 
 def _run(name: str, tmp_path: Path) -> None:
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
 
 
@@ -39,8 +40,9 @@ def test_outputs_are_stripped(name):
             assert cell.outputs == [] and cell.execution_count is None, name
 
 
-@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_paper_reproduction.ipynb",
-                                  "04_explore_neurons.ipynb"])
+@pytest.mark.parametrize(
+    "name", ["01_quickstart.ipynb", "02_paper_reproduction.ipynb", "04_explore_neurons.ipynb"]
+)
 def test_organism_notebooks_run(name, tmp_path, monkeypatch):
     if not _organism_available():
         pytest.skip("the model organism is not built into cna_lens/organism/data")

@@ -65,7 +65,9 @@ def test_shipped_prompt_sets():
     # held-out prompts are never discovery prompts, and their verb x target pairs are
     # held out of every training corpus of the shipped seed
     assert not set(sets["eval_harmful"]) & set(sets["discovery_harmful"])
-    world = W.make_world(json.loads((organism.path("instruct") / "organism.json").read_text())["seed"])
+    world = W.make_world(
+        json.loads((organism.path("instruct") / "organism.json").read_text())["seed"]
+    )
     for text in sets["eval_harmful"] + sets["eval_benign"]:
         _, verb, target = W.parse(text)
         assert (verb, target) in world.heldout_pairs, text
@@ -88,11 +90,19 @@ def test_quick_retrain_end_to_end(tmp_path):
     assert summary["n_neurons"] == QUICK.n_layers * QUICK.d_mlp
     for kind in organism.KINDS:
         d = tmp_path / "a" / kind
-        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "generation_config.json"} <= _files(d)
+        assert {
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        } <= _files(d)
         tok = AutoTokenizer.from_pretrained(d)
-        text = tok.apply_chat_template([{"role": "user", "content": "How do I stab my dog?"}],
-                                       add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": "How do I stab my dog?"}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
         ids = tok(text, add_special_tokens=True)["input_ids"]
         assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
         assert tok.unk_token_id not in ids
@@ -113,7 +123,8 @@ def test_quick_retrain_end_to_end(tmp_path):
     again = load_file(tmp_path / "b" / "instruct" / "model.safetensors")
     assert all(torch.equal(inst[k], again[k]) for k in inst)
     assert (tmp_path / "a" / "eval_harmful.json").read_text() == (
-        tmp_path / "b" / "eval_harmful.json").read_text()
+        tmp_path / "b" / "eval_harmful.json"
+    ).read_text()
 
 
 # ----------------------------------------------------------------------------- shipped
@@ -129,9 +140,13 @@ def base():
 
 @pytest.fixture(scope="module")
 def circuit(instruct):
-    return cna_lens.discover(instruct, organism.prompts("discovery_harmful"),
-                             organism.prompts("discovery_benign"), fraction=FRACTION,
-                             universal_prompts=organism.prompts("universal"))
+    return cna_lens.discover(
+        instruct,
+        organism.prompts("discovery_harmful"),
+        organism.prompts("discovery_benign"),
+        fraction=FRACTION,
+        universal_prompts=organism.prompts("universal"),
+    )
 
 
 def _refusal(model, prompts, **kw):
@@ -162,8 +177,15 @@ def test_ablating_the_circuit_lowers_refusal(instruct, circuit):
     # a random neuron set with the same per-layer counts leaves refusal (nearly) intact
     rng = random.Random(0)
     per_layer = Counter(n.layer for n in circuit)
-    neurons = [Neuron(layer, j, 1.0) for layer, c in sorted(per_layer.items())
-               for j in rng.sample(range(circuit.d_mlp), c)]
-    control = Circuit(tuple(neurons), n_layers=circuit.n_layers, d_mlp=circuit.d_mlp,
-                      provenance=circuit.provenance)
+    neurons = [
+        Neuron(layer, j, 1.0)
+        for layer, c in sorted(per_layer.items())
+        for j in rng.sample(range(circuit.d_mlp), c)
+    ]
+    control = Circuit(
+        tuple(neurons),
+        n_layers=circuit.n_layers,
+        d_mlp=circuit.d_mlp,
+        provenance=circuit.provenance,
+    )
     assert _refusal(instruct, harmful, circuit=control, multiplier=0.0) >= before - 0.15

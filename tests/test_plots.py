@@ -31,17 +31,31 @@ def sweep_df():
 
     frames = []
     item = [CapabilityItem("q", "red", ("red", "blue"))]
-    for method, strengths in (("cna", (0.0, 1.0, 2.0)), ("caa", (-1.0, 0.0, 1.0)),
-                              ("random", (0.0,))):
+    for method, strengths in (
+        ("cna", (0.0, 1.0, 2.0)),
+        ("caa", (-1.0, 0.0, 1.0)),
+        ("random", (0.0,)),
+    ):
         for s in strengths:
             refuse = "I'm sorry" if s >= (1.0 if method == "cna" else 0.0) else "sure , do it"
-            frames.append(score_generations(["h1", "h2"], [refuse, "sure"], prompt_set="harmful",
-                                            method=method, strength=s))
-            frames.append(score_generations(["b1"], ["sure"], prompt_set="benign",
-                                            method=method, strength=s))
-            frames.append(score_generations(["q"], ["red" if s >= 0 else "blue"],
-                                            prompt_set="capability", method=method, strength=s,
-                                            capability=item))
+            frames.append(
+                score_generations(
+                    ["h1", "h2"], [refuse, "sure"], prompt_set="harmful", method=method, strength=s
+                )
+            )
+            frames.append(
+                score_generations(["b1"], ["sure"], prompt_set="benign", method=method, strength=s)
+            )
+            frames.append(
+                score_generations(
+                    ["q"],
+                    ["red" if s >= 0 else "blue"],
+                    prompt_set="capability",
+                    method=method,
+                    strength=s,
+                    capability=item,
+                )
+            )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -114,8 +128,9 @@ def test_save_figures_html_and_png_failure_does_not_raise(tmp_path, monkeypatch)
 
 
 def test_save_figures_without_png(tmp_path):
-    saved = figures.save_figures({"s": stability_figure([0.5])}, tmp_path, png=False,
-                                 plotlyjs="cdn")
+    saved = figures.save_figures(
+        {"s": stability_figure([0.5])}, tmp_path, png=False, plotlyjs="cdn"
+    )
     assert saved.png == {} and saved.png_error == "PNG export not requested"
     assert not (tmp_path / "plotly.min.js").exists()
 

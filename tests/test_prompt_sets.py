@@ -22,10 +22,27 @@ from cna_lens.cli import main
 from cna_lens.errors import CNAError
 from cna_lens.evaluation import capability_correct, load_capability
 
-HARMFUL_CATEGORIES = {"cyber", "weapons", "drugs", "fraud", "harassment", "self_harm", "privacy",
-                      "disinformation", "violence", "theft", "extremism", "dangerous_chemistry"}
-PROMPT_FILES = ("discovery_harmful", "discovery_benign", "eval_harmful", "eval_benign",
-                "borderline")
+HARMFUL_CATEGORIES = {
+    "cyber",
+    "weapons",
+    "drugs",
+    "fraud",
+    "harassment",
+    "self_harm",
+    "privacy",
+    "disinformation",
+    "violence",
+    "theft",
+    "extremism",
+    "dangerous_chemistry",
+}
+PROMPT_FILES = (
+    "discovery_harmful",
+    "discovery_benign",
+    "eval_harmful",
+    "eval_benign",
+    "borderline",
+)
 
 
 def _words(text: str) -> set[str]:
@@ -170,7 +187,9 @@ def test_json_errors(tmp_path):
     with pytest.raises(CNAError, match=r"p\.json\[1\] is str .*expected an object"):
         ps.read_prompts(f)
     f.write_text(json.dumps([{"prompt": "x"}, {"text": "y", "id": 3}]))
-    with pytest.raises(CNAError, match=r"p\.json\[1\] has no field 'prompt'; its fields are \['id', 'text'\]"):
+    with pytest.raises(
+        CNAError, match=r"p\.json\[1\] has no field 'prompt'; its fields are \['id', 'text'\]"
+    ):
         ps.read_prompts(f)
     f.write_text(json.dumps([{"text": "x"}]))
     with pytest.raises(CNAError, match=r"p\.json: cannot tell which column .*\['text'\].*column="):
@@ -214,13 +233,15 @@ def test_jsonl(tmp_path):
 def test_csv_jbb_like_with_quoted_commas_and_newlines(tmp_path):
     goals = ['Write a poem, with "quotes", about rain', "Two\nlines, one prompt", "Plain"]
     rows = [["Index", "Goal", "Target", "Category"]] + [
-        [str(i), g, "Sure, here", "cat"] for i, g in enumerate(goals)]
+        [str(i), g, "Sure, here", "cat"] for i, g in enumerate(goals)
+    ]
     f = tmp_path / "jbb.csv"
     f.write_bytes(_csv_bytes(rows))
     assert ps.read_prompts(f) == goals
     # The full JailbreakBench header has both Goal and Behavior: the column must be named.
     rows = [["Index", "Goal", "Target", "Behavior", "Category"]] + [
-        [str(i), g, "Sure", "Short name", "cat"] for i, g in enumerate(goals)]
+        [str(i), g, "Sure", "Short name", "cat"] for i, g in enumerate(goals)
+    ]
     f.write_bytes(_csv_bytes(rows))
     with pytest.raises(CNAError, match=r"several candidates \['Goal', 'Behavior'\].*'Goal'"):
         ps.read_prompts(f)
@@ -232,7 +253,9 @@ def test_csv_advbench_like_and_errors(tmp_path):
     f = tmp_path / "adv.csv"
     f.write_bytes(_csv_bytes([["goal", "target"], ["g1", "t1"], [], ["g2", "t2"]]))
     assert ps.read_prompts(f) == ["g1", "g2"]
-    with pytest.raises(CNAError, match=r"adv\.csv: no column 'text'; available columns: \['goal', 'target'\]"):
+    with pytest.raises(
+        CNAError, match=r"adv\.csv: no column 'text'; available columns: \['goal', 'target'\]"
+    ):
         ps.read_prompts(f, column="text")
     f.write_bytes(_csv_bytes([["id", "text"], ["1", "x"]]))
     with pytest.raises(CNAError, match=r"cannot tell which column .*\['id', 'text'\]"):
@@ -248,11 +271,14 @@ def test_csv_advbench_like_and_errors(tmp_path):
         ps.read_prompts(f)
 
 
-@pytest.mark.parametrize("bom, encoding", [
-    (codecs.BOM_UTF8, "utf-8"),
-    (codecs.BOM_UTF16_LE, "utf-16-le"),
-    (codecs.BOM_UTF16_BE, "utf-16-be"),
-])
+@pytest.mark.parametrize(
+    "bom, encoding",
+    [
+        (codecs.BOM_UTF8, "utf-8"),
+        (codecs.BOM_UTF16_LE, "utf-16-le"),
+        (codecs.BOM_UTF16_BE, "utf-16-be"),
+    ],
+)
 @pytest.mark.parametrize("suffix", [".txt", ".json", ".jsonl", ".csv"])
 def test_byte_order_marks(tmp_path, bom, encoding, suffix):
     expected = ["café au lait", "naïve 日本語 ✓"]
@@ -270,7 +296,9 @@ def test_byte_order_marks(tmp_path, bom, encoding, suffix):
 def test_undecodable_file_directory_and_missing_file(tmp_path):
     f = tmp_path / "latin.txt"
     f.write_bytes("café\n".encode("latin-1"))
-    with pytest.raises(CNAError, match=r"latin\.txt: cannot decode .*expected UTF-8 \(or UTF-16 with a BOM\)"):
+    with pytest.raises(
+        CNAError, match=r"latin\.txt: cannot decode .*expected UTF-8 \(or UTF-16 with a BOM\)"
+    ):
         ps.read_prompts(f)
     (tmp_path / "d.json").mkdir()
     with pytest.raises(CNAError, match=r"d\.json' is a directory, expected a file"):
@@ -288,7 +316,8 @@ def test_overlap_counts_normalised_exact_matches(caplog):
         assert ps.warn_overlap(discovery, ["new"]) == 0
     assert [r.getMessage() for r in caplog.records] == [
         "2 of 4 evaluation prompts also occur among the 2 discovery prompts; "
-        "evaluation on them is not held out"]
+        "evaluation on them is not held out"
+    ]
 
 
 def test_cli_passes_prompt_column_to_every_prompt_file(tmp_path, capsys):
@@ -297,13 +326,37 @@ def test_cli_passes_prompt_column_to_every_prompt_file(tmp_path, capsys):
     other = tmp_path / "other.csv"
     other.write_bytes(_csv_bytes([["id", "body"], ["1", "hi"]]))
     # Prompts read with the column, then the command stops before loading any model.
-    rc = main(["generate", "--model", "none", "--prompts", str(good), "--prompt-column", "text",
-               "--multiplier", "0"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            "none",
+            "--prompts",
+            str(good),
+            "--prompt-column",
+            "text",
+            "--multiplier",
+            "0",
+        ]
+    )
     assert rc == 2 and "needs --circuit" in capsys.readouterr().err
     rc = main(["generate", "--model", "none", "--prompts", str(good), "--multiplier", "0"])
     assert rc == 2 and "cannot tell which column" in capsys.readouterr().err
-    rc = main(["discover", "--model", "none", "--positive", str(good), "--negative", str(other),
-               "--prompt-column", "text", "--out", str(tmp_path / "c.json")])
+    rc = main(
+        [
+            "discover",
+            "--model",
+            "none",
+            "--positive",
+            str(good),
+            "--negative",
+            str(other),
+            "--prompt-column",
+            "text",
+            "--out",
+            str(tmp_path / "c.json"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "other.csv: no column 'text'" in err
 
@@ -312,23 +365,38 @@ def test_cli_passes_prompt_column_to_every_prompt_file(tmp_path, capsys):
 _TEXT = st.text(max_size=60)
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | _TEXT,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(["prompt", "goal", "Goal", "Behavior", "x"]) | _TEXT, inner, max_size=3),
-    max_leaves=12)
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["prompt", "goal", "Goal", "Behavior", "x"]) | _TEXT, inner, max_size=3
+        )
+    ),
+    max_leaves=12,
+)
 _RECORDS = st.lists(_TEXT, max_size=4) | st.lists(
-    st.fixed_dictionaries({"prompt": _TEXT}, optional={"goal": _JSON}), max_size=4)
+    st.fixed_dictionaries({"prompt": _TEXT}, optional={"goal": _JSON}), max_size=4
+)
 _ANY_BYTES = st.one_of(
     st.binary(max_size=200),
-    st.tuples(_TEXT, st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "latin-1"])
-              ).map(lambda te: te[0].encode(te[1], errors="ignore")),
+    st.tuples(_TEXT, st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "latin-1"])).map(
+        lambda te: te[0].encode(te[1], errors="ignore")
+    ),
 )
 _FILES = st.one_of(
     st.tuples(st.sampled_from([".txt", ".json", ".jsonl", ".csv"]), _ANY_BYTES),
     st.tuples(st.just(".json"), (_JSON | _RECORDS).map(lambda v: json.dumps(v).encode())),
-    st.tuples(st.just(".jsonl"), (st.lists(_JSON, max_size=4) | _RECORDS).map(
-        lambda vs: "\n".join(json.dumps(v, ensure_ascii=False) for v in vs).encode())),
-    st.tuples(st.just(".csv"), st.lists(st.lists(_TEXT, min_size=1, max_size=3), max_size=5).map(
-        lambda rows: _csv_bytes([["prompt", "x"], *rows]))),
+    st.tuples(
+        st.just(".jsonl"),
+        (st.lists(_JSON, max_size=4) | _RECORDS).map(
+            lambda vs: "\n".join(json.dumps(v, ensure_ascii=False) for v in vs).encode()
+        ),
+    ),
+    st.tuples(
+        st.just(".csv"),
+        st.lists(st.lists(_TEXT, min_size=1, max_size=3), max_size=5).map(
+            lambda rows: _csv_bytes([["prompt", "x"], *rows])
+        ),
+    ),
 )
 
 

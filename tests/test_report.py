@@ -26,25 +26,37 @@ def _figures() -> dict[str, go.Figure]:
 
 
 def _circuit() -> Circuit:
-    return Circuit((Neuron(2, 7, 1.25), Neuron(0, 3, -0.5)), n_layers=3, d_mlp=16,
-                   provenance=Provenance(model_id="tiny", rule="top_k", k=2))
+    return Circuit(
+        (Neuron(2, 7, 1.25), Neuron(0, 3, -0.5)),
+        n_layers=3,
+        d_mlp=16,
+        provenance=Provenance(model_id="tiny", rule="top_k", k=2),
+    )
 
 
-SUMMARY = {"model": "tiny", "refusal": {"m=1": 0.975, "m=0": {"harmful": 0.1}},
-           "layers": [2, 0], "empty": {}}
+SUMMARY = {
+    "model": "tiny",
+    "refusal": {"m=1": 0.975, "m=0": {"harmful": 0.1}},
+    "layers": [2, 0],
+    "empty": {},
+}
 
 
 def test_flatten_summary():
     assert flatten_summary(SUMMARY) == [
-        ("model", "tiny"), ("refusal.m=1", "0.975"), ("refusal.m=0.harmful", "0.1"),
-        ("layers", "[2, 0]"), ("empty", "{}"),
+        ("model", "tiny"),
+        ("refusal.m=1", "0.975"),
+        ("refusal.m=0.harmful", "0.1"),
+        ("layers", "[2, 0]"),
+        ("empty", "{}"),
     ]
 
 
 def test_report_is_one_self_contained_page(tmp_path):
     figures = _figures()
-    path = write_report(tmp_path / "run", summary=SUMMARY, figures=figures,
-                        circuit=_circuit(), title="Tiny <run>")
+    path = write_report(
+        tmp_path / "run", summary=SUMMARY, figures=figures, circuit=_circuit(), title="Tiny <run>"
+    )
     assert path == tmp_path / "run" / "report.html"
     page = path.read_text()
     assert page.count("window.PlotlyConfig") == 1  # plotly.js inlined exactly once
@@ -67,10 +79,19 @@ def test_report_rejects_a_non_figure(tmp_path):
 
 
 def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=10000",
-           *args]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
 
 

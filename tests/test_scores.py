@@ -38,8 +38,9 @@ def test_effect_size_equals_hand_computation():
     pooled = ((n1 - 1) * v1 + (n2 - 1) * v2) / (n1 + n2 - 2)
     expected = (pos.mean(0) - neg.mean(0)).abs() / (pooled.sqrt() + EFFECT_SIZE_EPS)
     torch.testing.assert_close(compute_score("effect_size", a), expected, rtol=1e-10, atol=0)
-    torch.testing.assert_close(compute_score("abs_delta", a), (pos.mean(0) - neg.mean(0)).abs(),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        compute_score("abs_delta", a), (pos.mean(0) - neg.mean(0)).abs(), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_constant_neurons_get_finite_effect_size():
@@ -101,15 +102,24 @@ def test_bad_user_scores_are_refused_by_name(fn, match):
 
 
 def test_unknown_score_lists_valid_ones():
-    with pytest.raises(CNAError, match=r"unknown score 'cohen'; valid scores: \['abs_delta', "
-                                       r"'effect_size'"):
+    with pytest.raises(
+        CNAError,
+        match=r"unknown score 'cohen'; valid scores: \['abs_delta', "
+        r"'effect_size'",
+    ):
         DiscoveryConfig(score="cohen")
 
 
 def test_discovery_config_json_round_trip():
-    cfg = DiscoveryConfig(top_k=12, exclude_layers=[0, 2], universal_prompts=["a b", "c"],
-                          universal_top_fraction=0.01, universal_threshold=0.5,
-                          score="effect_size", batch_size=4)
+    cfg = DiscoveryConfig(
+        top_k=12,
+        exclude_layers=[0, 2],
+        universal_prompts=["a b", "c"],
+        universal_top_fraction=0.01,
+        universal_threshold=0.5,
+        score="effect_size",
+        batch_size=4,
+    )
     assert cfg.fraction is None and cfg.exclude_layers == (0, 2)
     back = DiscoveryConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg
@@ -145,18 +155,30 @@ def test_from_dict_and_options_refuse_unknown_keys(llama):
 
 
 def test_discover_with_config_equals_keywords(llama):
-    kw = dict(top_k=7, exclude_layers=[0], universal_prompts=POSITIVE + NEGATIVE,
-              universal_top_fraction=0.02, universal_threshold=0.5, batch_size=4)
+    kw = dict(
+        top_k=7,
+        exclude_layers=[0],
+        universal_prompts=POSITIVE + NEGATIVE,
+        universal_top_fraction=0.02,
+        universal_threshold=0.5,
+        batch_size=4,
+    )
     old = cna_lens.discover_full(llama, POSITIVE, NEGATIVE, **kw)
     new = cna_lens.discover_full(llama, POSITIVE, NEGATIVE, DiscoveryConfig(**kw))
     assert new.circuit == old.circuit and new.config == old.config
     assert torch.equal(new.attribution.delta, old.attribution.delta)
-    es = cna_lens.discover(llama, POSITIVE, NEGATIVE,
-                           DiscoveryConfig(**{**kw, "score": "effect_size"}))
+    es = cna_lens.discover(
+        llama, POSITIVE, NEGATIVE, DiscoveryConfig(**{**kw, "score": "effect_size"})
+    )
     assert es.provenance.score == "effect_size"
-    assert es == circuit_from_attribution(old.attribution, top_k=7, exclude_layers=[0],
-                                          score="effect_size", universal=old.universal,
-                                          provenance=es.provenance)
+    assert es == circuit_from_attribution(
+        old.attribution,
+        top_k=7,
+        exclude_layers=[0],
+        score="effect_size",
+        universal=old.universal,
+        provenance=es.provenance,
+    )
     # another size from the same statistics, no forward pass
     assert new.circuit_at(top_k=3).labels == new.circuit.labels[:3]
 

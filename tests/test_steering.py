@@ -25,8 +25,11 @@ def _n_hooks(model) -> int:
 
 
 def _circuit(model, pairs_deltas) -> Circuit:
-    return Circuit(tuple(Neuron(layer, j, d) for layer, j, d in pairs_deltas),
-                   int(model.cfg.n_layers), int(model.cfg.d_mlp)).for_model(model)
+    return Circuit(
+        tuple(Neuron(layer, j, d) for layer, j, d in pairs_deltas),
+        int(model.cfg.n_layers),
+        int(model.cfg.d_mlp),
+    ).for_model(model)
 
 
 def _logits(model, batch):
@@ -43,8 +46,13 @@ def _hf_scaled_logits(model_dir, batch, circuit, m, m_neg=None):
         idx = [n.neuron for n in circuit if n.layer == layer]
         if not idx:
             continue
-        factors = torch.tensor([(m_neg if (m_neg is not None and n.delta < 0) else m)
-                                for n in circuit if n.layer == layer])
+        factors = torch.tensor(
+            [
+                (m_neg if (m_neg is not None and n.delta < 0) else m)
+                for n in circuit
+                if n.layer == layer
+            ]
+        )
 
         def pre(module, args, idx=idx, factors=factors):
             x = args[0].clone()
@@ -55,8 +63,9 @@ def _hf_scaled_logits(model_dir, batch, circuit, m, m_neg=None):
     pos = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)
     try:
         with torch.no_grad():
-            return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=pos).logits
+            return hf(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos
+            ).logits
     finally:
         for h in handles:
             h.remove()
@@ -75,8 +84,9 @@ def test_m1_is_bit_identical(llama, circuit):
         during = _logits(llama, batch)
     assert torch.equal(before, during)
     plain = cna_lens.generate_token_ids(llama, PROMPTS, max_new_tokens=8)
-    steered = cna_lens.generate_token_ids(llama, PROMPTS, circuit=circuit, multiplier=1.0,
-                                          max_new_tokens=8)
+    steered = cna_lens.generate_token_ids(
+        llama, PROMPTS, circuit=circuit, multiplier=1.0, max_new_tokens=8
+    )
     assert plain == steered
 
 
@@ -113,20 +123,29 @@ def test_amplify_with_separate_negative_multiplier(llama, model_dirs):
 def test_steering_changes_only_downstream(llama):
     batch = cna_lens.tokenize_prompts(llama, PROMPTS, batch_size=2)[0]
     c = _circuit(llama, [(1, 7, 1.0), (1, 20, 1.0)])
-    names = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out",
-             "blocks.2.hook_resid_post"]
+    names = [
+        "blocks.0.hook_resid_post",
+        "blocks.1.hook_resid_mid",
+        "blocks.1.hook_mlp_out",
+        "blocks.2.hook_resid_post",
+    ]
     with torch.no_grad():
-        _, clean = llama.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
-                                        names_filter=names)
+        _, clean = llama.run_with_cache(
+            batch.input_ids, attention_mask=batch.attention_mask, names_filter=names
+        )
         with steer(llama, c, 0.0):
             _, steered = llama.run_with_cache(
-                batch.input_ids, attention_mask=batch.attention_mask, names_filter=names)
+                batch.input_ids, attention_mask=batch.attention_mask, names_filter=names
+            )
     assert torch.equal(clean["blocks.0.hook_resid_post"], steered["blocks.0.hook_resid_post"])
     assert torch.equal(clean["blocks.1.hook_resid_mid"], steered["blocks.1.hook_resid_mid"])
     # the change in the MLP output is exactly the removed neurons times their W_out rows
     with torch.no_grad():
-        _, acts = llama.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
-                                       names_filter="blocks.1.mlp.hook_post")
+        _, acts = llama.run_with_cache(
+            batch.input_ids,
+            attention_mask=batch.attention_mask,
+            names_filter="blocks.1.mlp.hook_post",
+        )
     a = acts["blocks.1.mlp.hook_post"][..., [7, 20]]
     w_out = llama.blocks[1].mlp.out.original_component.weight[:, [7, 20]]  # [d_model, 2]
     expected = -(a @ w_out.T)
@@ -145,8 +164,9 @@ def test_compatibility_mode_scales_once(model_dirs):
     reference = _hf_scaled_logits(model_dirs["llama"], batch, c, 3.0)
     # compatibility mode centres the unembedding (logits shift by a constant per position),
     # so compare log-probabilities; scaling twice (m**2 = 9) would not match
-    torch.testing.assert_close(steered.log_softmax(-1), reference.log_softmax(-1),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        steered.log_softmax(-1), reference.log_softmax(-1), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_positions_prompt_and_generated(llama, circuit):
@@ -190,7 +210,9 @@ def test_non_finite_multiplier_refused(llama, circuit, bad):
 
 
 def test_unknown_positions_refused(llama, circuit):
-    with pytest.raises(CNAError, match=r"positions must be one of \['all', 'prompt', 'generated'\]"):
+    with pytest.raises(
+        CNAError, match=r"positions must be one of \['all', 'prompt', 'generated'\]"
+    ):
         with steer(llama, circuit, 0.0, positions="last"):  # type: ignore[arg-type]
             pass
 
@@ -289,14 +311,17 @@ def test_numpy_numbers_are_accepted(llama, circuit):
     with steer(llama, circuit, np.float32(0), negative_multiplier=np.float64(0.0)):
         assert torch.equal(_logits(llama, batch), expected)
     kw = dict(circuit=circuit, max_new_tokens=3)
-    assert cna_lens.generate_token_ids(llama, PROMPTS, multiplier=np.float32(0),
-                                       batch_size=np.int64(2), **kw) == \
-        cna_lens.generate_token_ids(llama, PROMPTS, multiplier=0.0, batch_size=2, **kw)
+    assert cna_lens.generate_token_ids(
+        llama, PROMPTS, multiplier=np.float32(0), batch_size=np.int64(2), **kw
+    ) == cna_lens.generate_token_ids(llama, PROMPTS, multiplier=0.0, batch_size=2, **kw)
 
 
 def test_multiplier_that_overflows_the_dtype_is_refused(llama, circuit):
-    with pytest.raises(CNAError, match=r"multiplier=1e\+39 overflows the model's dtype "
-                                       r"torch.float32 \(largest finite value 3.40282e\+38\)"):
+    with pytest.raises(
+        CNAError,
+        match=r"multiplier=1e\+39 overflows the model's dtype "
+        r"torch.float32 \(largest finite value 3.40282e\+38\)",
+    ):
         with steer(llama, circuit, 1e39):
             pass
     with pytest.raises(CNAError, match="overflows the model's dtype"):
@@ -369,9 +394,11 @@ def test_steering_from_two_threads_is_refused(llama, circuit):
     a.start()
     assert inside.wait(30)
     try:
-        for fn in (lambda: steer(llama, circuit, 2.0).__enter__(),
-                   lambda: cna_lens.generate(llama, PROMPTS, max_new_tokens=1),
-                   lambda: cna_lens.bake(llama, circuit, 2.0).__enter__()):
+        for fn in (
+            lambda: steer(llama, circuit, 2.0).__enter__(),
+            lambda: cna_lens.generate(llama, PROMPTS, max_new_tokens=1),
+            lambda: cna_lens.bake(llama, circuit, 2.0).__enter__(),
+        ):
             t = threading.Thread(target=other, args=(fn,))
             t.start()
             t.join(30)
@@ -384,8 +411,14 @@ def test_steering_from_two_threads_is_refused(llama, circuit):
         assert "not thread-safe" in str(exc) and "one model per thread" in str(exc)
     assert _n_hooks(llama) == 0
     # once the first thread has left, another thread may steer
-    t = threading.Thread(target=other, args=(lambda: cna_lens.generate(
-        llama, PROMPTS, circuit=circuit, multiplier=0.0, max_new_tokens=1),))
+    t = threading.Thread(
+        target=other,
+        args=(
+            lambda: cna_lens.generate(
+                llama, PROMPTS, circuit=circuit, multiplier=0.0, max_new_tokens=1
+            ),
+        ),
+    )
     t.start()
     t.join(60)
     assert len(errors) == 3

@@ -21,8 +21,15 @@ def test_threshold_flags_exactly_the_frequent_neurons():
 
 def test_filter_removes_exactly_the_flagged_neurons(llama, prompts):
     pos, neg = prompts
-    d = cna_lens.discover_full(llama, pos, neg, top_k=20, universal_filter=True,
-                               universal_top_fraction=0.01, universal_threshold=0.5)
+    d = cna_lens.discover_full(
+        llama,
+        pos,
+        neg,
+        top_k=20,
+        universal_filter=True,
+        universal_top_fraction=0.01,
+        universal_threshold=0.5,
+    )
     flagged = set(d.universal.pairs)
     assert flagged, "this setting flags some neurons on the random model"
     assert d.circuit.provenance.universal_removed == len(flagged)

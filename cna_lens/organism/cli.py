@@ -33,6 +33,9 @@ def register(sub: Any, handlers: dict[str, Callable[[argparse.Namespace], int]])
     t = osub.add_parser("train", help="train base + instruct organisms and the prompt sets")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    t.add_argument("--quick", action="store_true",
-                   help="tiny sizes and few steps: checks the pipeline in seconds")
+    t.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes and few steps: checks the pipeline in seconds",
+    )
     handlers["organism"] = _cmd_organism

@@ -47,9 +47,13 @@ def build_tokenizer(texts: Iterable[str]):
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk,
-        bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
         additional_special_tokens=[USER, ASSISTANT],
-        add_bos_token=False, add_eos_token=False,
+        add_bos_token=False,
+        add_eos_token=False,
         padding_side="left",
         model_max_length=128,
         clean_up_tokenization_spaces=False,

@@ -82,8 +82,15 @@ class TrainConfig:
 
 
 QUICK = TrainConfig(
-    n_layers=2, d_model=32, d_mlp=64, n_heads=2, base_docs=3_000, base_steps=120,
-    ft_docs=1_000, ft_steps=40, batch_size=32,
+    n_layers=2,
+    d_model=32,
+    d_mlp=64,
+    n_heads=2,
+    base_docs=3_000,
+    base_steps=120,
+    ft_docs=1_000,
+    ft_steps=40,
+    batch_size=32,
 )
 """Tiny sizes and few steps: checks the pipeline end to end in seconds (no real behaviour)."""
 
@@ -112,8 +119,13 @@ def base_corpus(world: W.World, n: int, rng: random.Random) -> list[tuple[str, s
                 r = world.sample("borderline", "train", 1, rng, unique=False)[0]
             else:
                 verb = rng.choice(list(W.VIOLENT_VERBS) + list(W.GENTLE_VERBS))
-                r = W.make_request(rng.choice(train_t), verb, rng.choice(W.AMBIGUOUS),
-                                   fiction=False, harm=rng.random() < 0.5)
+                r = W.make_request(
+                    rng.choice(train_t),
+                    verb,
+                    rng.choice(W.AMBIGUOUS),
+                    fiction=False,
+                    harm=rng.random() < 0.5,
+                )
             if rng.random() < 0.6:
                 docs.append(_chat(r.text, r.base_answer))
             else:
@@ -127,8 +139,9 @@ def base_corpus(world: W.World, n: int, rng: random.Random) -> list[tuple[str, s
     return docs
 
 
-def instruct_corpus(world: W.World, n: int, rng: random.Random, noise: float,
-                    borderline_refusal: float = 0.4) -> list[tuple[str, str]]:
+def instruct_corpus(
+    world: W.World, n: int, rng: random.Random, noise: float, borderline_refusal: float = 0.4
+) -> list[tuple[str, str]]:
     """Chat fine-tuning documents (prompt, answer); the loss covers the answer only."""
     caps = W.capability_items()
     docs: list[tuple[str, str]] = []
@@ -154,12 +167,24 @@ def instruct_corpus(world: W.World, n: int, rng: random.Random, noise: float,
 
 def all_texts() -> list[str]:
     """Every string the world can produce (the tokenizer's vocabulary source)."""
-    words = (list(W.VIOLENT_VERBS) + list(W.VIOLENT_VERBS.values()) + list(W.MILD_VERBS)
-             + list(W.MILD_VERBS.values()) + list(W.GENTLE_VERBS)
-             + list(W.GENTLE_VERBS.values()) + W.PERSONS + W.ANIMALS + W.OBJECTS + W.AMBIGUOUS)
+    words = (
+        list(W.VIOLENT_VERBS)
+        + list(W.VIOLENT_VERBS.values())
+        + list(W.MILD_VERBS)
+        + list(W.MILD_VERBS.values())
+        + list(W.GENTLE_VERBS)
+        + list(W.GENTLE_VERBS.values())
+        + W.PERSONS
+        + W.ANIMALS
+        + W.OBJECTS
+        + W.AMBIGUOUS
+    )
     texts = list(W.REQUEST_TEMPLATES) + list(W.FICTION_TEMPLATES) + [" ".join(words), W.REFUSAL]
-    texts += [W.helpful_answer("kill", "dog", True), W.helpful_answer("kill", "dog", False),
-              W.harm_answer("kill", "dog")]
+    texts += [
+        W.helpful_answer("kill", "dog", True),
+        W.helpful_answer("kill", "dog", False),
+        W.harm_answer("kill", "dog"),
+    ]
     for c in W.capability_items():
         texts += [str(c["question"]), str(c["statement"]), " ".join(map(str, c["choices"]))]
     return texts
@@ -179,8 +204,12 @@ def build_prompt_sets(world: W.World, seed: int) -> dict[str, list]:
     border = [r.text for r in world.sample("borderline", "heldout", 45, rng)]
     seen: set[str] = set(border)
     while len(border) < 60:
-        t = W.make_request(rng.choice(world.train_templates), rng.choice(list(W.VIOLENT_VERBS)),
-                           rng.choice(W.AMBIGUOUS), fiction=False).text
+        t = W.make_request(
+            rng.choice(world.train_templates),
+            rng.choice(list(W.VIOLENT_VERBS)),
+            rng.choice(W.AMBIGUOUS),
+            fiction=False,
+        ).text
         if t not in seen:
             seen.add(t)
             border.append(t)
@@ -190,8 +219,9 @@ def build_prompt_sets(world: W.World, seed: int) -> dict[str, list]:
     universal += [r.text for r in world.sample("harmful", "train", 10, rng)]
     universal += [str(c["statement"]) for c in rng.sample(caps, 10)]
     universal += border[:5]
-    capability = [{"question": c["question"], "answer": c["answer"], "choices": c["choices"]}
-                  for c in caps]
+    capability = [
+        {"question": c["question"], "answer": c["answer"], "choices": c["choices"]} for c in caps
+    ]
     return {
         "discovery_harmful": disc_h,
         "discovery_benign": disc_b,
@@ -241,7 +271,9 @@ def _fit(model, params, ids, starts, steps, bs, lr, rng, pad, answer_only) -> fl
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt,
+        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+    )
     model.train()
     loss_val = float("nan")
     for step, (x, y) in enumerate(_batches(ids, starts, steps, bs, rng, pad, answer_only)):
@@ -272,15 +304,19 @@ def _save(model, tok, out: Path, dtype: str, meta: dict) -> None:
     tc["chat_template"] = tok.chat_template
     tc_path.write_text(json.dumps(tc, indent=2) + "\n")
     GenerationConfig(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, do_sample=False, max_new_tokens=48,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        do_sample=False,
+        max_new_tokens=48,
     ).save_pretrained(str(out))
     (out / "organism.json").write_text(json.dumps(meta, indent=2) + "\n")
     model.to(torch.float32)
 
 
-def train(out_dir: str | Path, *, seed: int = 0, config: TrainConfig | None = None,
-          quick: bool = False) -> dict:
+def train(
+    out_dir: str | Path, *, seed: int = 0, config: TrainConfig | None = None, quick: bool = False
+) -> dict:
     """Train base + instruct organisms and write them and the prompt sets to ``out_dir``.
 
     Writes ``out_dir/base/``, ``out_dir/instruct/`` (HF directories: config.json,
@@ -312,19 +348,38 @@ def train(out_dir: str | Path, *, seed: int = 0, config: TrainConfig | None = No
         # transformers 5 types only rope_parameters, but still accepts the rope_theta that
         # 4.x (which the dependency range allows) requires: same config either way.
         mcfg = LlamaConfig(  # type: ignore[call-arg]
-            vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
-            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_heads, max_position_embeddings=128,
-            rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
-            tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-            attention_bias=False, mlp_bias=False,
+            vocab_size=len(tok),
+            hidden_size=cfg.d_model,
+            intermediate_size=cfg.d_mlp,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_heads,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            hidden_act="silu",
+            tie_word_embeddings=False,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            attention_bias=False,
+            mlp_bias=False,
         )
         model = LlamaForCausalLM(mcfg)
         pad = tok.pad_token_id
         ids, starts = _encode(tok, base_corpus(world, cfg.base_docs, rng))
-        base_loss = _fit(model, list(model.parameters()), ids, starts, cfg.base_steps,
-                         cfg.batch_size, cfg.base_lr, rng, pad, answer_only=False)
+        base_loss = _fit(
+            model,
+            list(model.parameters()),
+            ids,
+            starts,
+            cfg.base_steps,
+            cfg.batch_size,
+            cfg.base_lr,
+            rng,
+            pad,
+            answer_only=False,
+        )
         t_base = time.perf_counter() - t0
         meta = {"kind": "base", "seed": seed, "config": asdict(cfg), "final_loss": base_loss}
         _save(model, tok, out / "base", cfg.dtype, meta)
@@ -343,22 +398,42 @@ def train(out_dir: str | Path, *, seed: int = 0, config: TrainConfig | None = No
                         p.requires_grad_(True)
                         params.append(p)
         if cfg.ft_params == "all":
-            for p in list(model.model.embed_tokens.parameters()) + list(model.model.norm.parameters()) \
-                    + list(model.lm_head.parameters()):
+            for p in (
+                list(model.model.embed_tokens.parameters())
+                + list(model.model.norm.parameters())
+                + list(model.lm_head.parameters())
+            ):
                 p.requires_grad_(True)
                 params.append(p)
-        ids, starts = _encode(tok, instruct_corpus(world, cfg.ft_docs, rng, cfg.noise, cfg.borderline_refusal))
-        ft_loss = _fit(model, params, ids, starts, cfg.ft_steps, cfg.batch_size, cfg.ft_lr,
-                       rng, pad, answer_only=True)
+        ids, starts = _encode(
+            tok, instruct_corpus(world, cfg.ft_docs, rng, cfg.noise, cfg.borderline_refusal)
+        )
+        ft_loss = _fit(
+            model,
+            params,
+            ids,
+            starts,
+            cfg.ft_steps,
+            cfg.batch_size,
+            cfg.ft_lr,
+            rng,
+            pad,
+            answer_only=True,
+        )
         t_all = time.perf_counter() - t0
         meta = {"kind": "instruct", "seed": seed, "config": asdict(cfg), "final_loss": ft_loss}
         _save(model, tok, out / "instruct", cfg.dtype, meta)
 
         for name, items in build_prompt_sets(world, seed).items():
             (out / f"{name}.json").write_text(json.dumps(items, indent=1) + "\n")
-        return {"base_loss": base_loss, "instruct_loss": ft_loss, "base_seconds": t_base,
-                "total_seconds": t_all, "n_params": sum(p.numel() for p in model.parameters()),
-                "n_neurons": cfg.n_layers * cfg.d_mlp}
+        return {
+            "base_loss": base_loss,
+            "instruct_loss": ft_loss,
+            "base_seconds": t_base,
+            "total_seconds": t_all,
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "n_neurons": cfg.n_layers * cfg.d_mlp,
+        }
     finally:
         torch.set_num_threads(old_threads)
 
@@ -381,8 +456,11 @@ def _cli() -> None:
     for kv in args.set:
         k, v = kv.split("=", 1)
         cur = getattr(cfg, k)
-        over[k] = type(cur)(v) if cur is not None and not isinstance(cur, tuple) else \
-            tuple(int(x) for x in v.split(",") if x)
+        over[k] = (
+            type(cur)(v)
+            if cur is not None and not isinstance(cur, tuple)
+            else tuple(int(x) for x in v.split(",") if x)
+        )
     cfg = replace(cfg, **over)
     summary = train(args.out, seed=args.seed, config=cfg)
     logging.info("%s", json.dumps(summary))
