@@ -20,13 +20,45 @@ from cna_lens.prompt_sets import read_prompts
 __all__ = ["main", "read_prompts"]
 
 
-def _layers(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated layer indices like 0,1, got {text!r}"
-        ) from None
+def _comma_list(convert: Callable[[str], Any], what: str) -> Callable[[str], tuple[Any, ...]]:
+    """An argparse ``type`` reading a comma-separated list (blank items skipped)."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            return tuple(convert(x.strip()) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}, got {text!r}"
+            ) from None
+
+    return parse
+
+
+comma_floats = _comma_list(float, "numbers like 0,1,2")
+comma_ints = _comma_list(int, "integers like 0,1")
+comma_names = _comma_list(str, "names like a,b")
+_layers = _comma_list(int, "layer indices like 0,1")
+
+
+def _discovery_args(p: argparse.ArgumentParser) -> None:
+    """The discovery options shared by ``discover`` and ``sweep`` (besides the size)."""
+    from cna_lens.scores import SCORES
+
+    p.add_argument("--exclude-layers", type=_layers, default=(), help="e.g. 0,1")
+    p.add_argument(
+        "--no-universal-filter", action="store_true", help="keep universal neurons in the circuit"
+    )
+    p.add_argument(
+        "--universal-prompts",
+        default=None,
+        help="diverse prompts for the universal filter (default: shipped set)",
+    )
+    p.add_argument(
+        "--score",
+        default="abs_delta",
+        help=f"neuron score for selection: {sorted(SCORES)} or a registered name "
+        "(default abs_delta, the paper's)",
+    )
 
 
 _PROMPT_FILE_HELP = "prompt file: .txt (one per line), .json, .jsonl or .csv"
@@ -229,21 +261,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., in
         help="circuit size as a fraction of all MLP neurons (default 0.001)",
     )
     size.add_argument("--top-k", type=int, default=None, help="circuit size as a count")
-    p.add_argument("--exclude-layers", type=_layers, default=[], help="e.g. 0,1")
-    p.add_argument(
-        "--no-universal-filter", action="store_true", help="keep universal neurons in the circuit"
-    )
-    p.add_argument(
-        "--universal-prompts",
-        default=None,
-        help="diverse prompts for the universal filter (default: shipped set)",
-    )
-    p.add_argument(
-        "--score",
-        default="abs_delta",
-        help="neuron score for selection: abs_delta (the paper's, default), "
-        "effect_size, or a registered name",
-    )
+    _discovery_args(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--show", type=int, default=20, help="rows of the circuit table to print")
     p.add_argument("--out", required=True, help="circuit JSON to write")

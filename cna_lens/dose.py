@@ -35,7 +35,13 @@ from tqdm.auto import tqdm
 
 from cna_lens.discovery import Discovery
 from cna_lens.errors import CNAError
-from cna_lens.evaluation import CapabilityItem, capability_correct, is_refusal, output_quality
+from cna_lens.evaluation import (
+    CapabilityItem,
+    capability_correct,
+    evaluation_sets,
+    is_refusal,
+    output_quality,
+)
 from cna_lens.interventions import Sign, Steering, get_intervention
 
 __all__ = ["COLUMNS", "check_fractions", "check_multipliers", "dose_figure", "register", "sweep"]
@@ -166,20 +172,13 @@ def sweep(
             intervention or sign, an intervention the circuit lacks data for, no prompts,
             or a prompt set named "capability" next to ``capability``.
     """
-    from cna_lens.loading import validate_prompts
     from cna_lens.steering import generate_token_ids
 
     fracs = check_fractions(fractions)
     mults = check_multipliers(multipliers)
     ivs = _check_names("interventions", interventions, get_intervention)
     sgns = _check_names("signs", signs, _check_sign)
-    sets = {str(k): validate_prompts(list(v), f"prompt set {k!r}") for k, v in prompt_sets.items()}
-    if capability is not None:
-        if "capability" in sets:
-            raise CNAError("prompt set name 'capability' is reserved for the capability items")
-        sets["capability"] = [it.question for it in capability]
-    if not sets:
-        raise CNAError("no prompt sets to evaluate")
+    sets = evaluation_sets(prompt_sets, capability)
     circuits = {f: discovery.circuit_at(fraction=f) for f in fracs}
     conditions = [
         Steering(circuit=circuits[f], intervention=iv, multiplier=m, sign=s)
@@ -368,19 +367,6 @@ def dose_figure(
 
 
 # ----------------------------------------------------------------------------- CLI
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers like 0,1,2, got {text!r}"
-        ) from None
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from cna_lens.cli import _load, read_prompts
     from cna_lens.discovery import DiscoveryConfig, discover_full
@@ -446,9 +432,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def register(sub: Any, handlers: dict[str, Callable[..., int]]) -> None:
     """Add the ``sweep`` command to the ``cna-lens`` parser."""
-    from cna_lens.cli import _layers, _model_arg
+    from cna_lens.cli import _discovery_args, _model_arg, comma_floats, comma_names
     from cna_lens.interventions import INTERVENTIONS
-    from cna_lens.scores import SCORES
 
     p = sub.add_parser(
         "sweep",
@@ -462,42 +447,29 @@ def register(sub: Any, handlers: dict[str, Callable[..., int]]) -> None:
     p.add_argument("--prompts-benign", required=True, help="evaluation prompts (over-refusal)")
     p.add_argument(
         "--fractions",
-        type=_floats,
+        type=comma_floats,
         default=[0.0005, 0.001, 0.003, 0.01],
         help="circuit sizes, ascending (default 0.0005,0.001,0.003,0.01)",
     )
     p.add_argument(
         "--multipliers",
-        type=_floats,
+        type=comma_floats,
         default=[0.0, 1.0, 2.0],
         help="multipliers, ascending (default 0,1,2)",
     )
     p.add_argument(
         "--intervention",
-        type=_names,
+        type=comma_names,
         default=["scale"],
         help=f"comma list of {sorted(INTERVENTIONS)} (default scale)",
     )
     p.add_argument(
         "--sign",
-        type=_names,
+        type=comma_names,
         default=["both"],
         help="comma list of both, positive, negative (default both)",
     )
-    p.add_argument(
-        "--score",
-        default="abs_delta",
-        help=f"neuron score for selection: {sorted(SCORES)} (default abs_delta)",
-    )
-    p.add_argument("--exclude-layers", type=_layers, default=[], help="e.g. 0,1")
-    p.add_argument(
-        "--no-universal-filter", action="store_true", help="keep universal neurons in the circuit"
-    )
-    p.add_argument(
-        "--universal-prompts",
-        default=None,
-        help="diverse prompts for the universal filter (default: shipped set)",
-    )
+    _discovery_args(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument(

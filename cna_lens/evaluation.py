@@ -491,6 +491,28 @@ def _check_strengths(name: str, values: Iterable[float]) -> tuple[float, ...]:
     return tuple(float(v) for v in vals)
 
 
+def evaluation_sets(
+    prompt_sets: Mapping[str, Sequence[str]], capability: Sequence[CapabilityItem] | None = None
+) -> dict[str, list[str]]:
+    """The prompts of a sweep by set name, validated, with the capability questions as the
+    set ``"capability"``.
+
+    Raises:
+        CNAError: a bad prompt, no sets at all, or a set named "capability" beside
+            capability items.
+    """
+    from cna_lens.loading import validate_prompts
+
+    sets = {str(k): validate_prompts(v, f"prompt set {k!r}") for k, v in prompt_sets.items()}
+    if capability is not None:
+        if "capability" in sets:
+            raise CNAError("prompt set name 'capability' is reserved for the capability items")
+        sets["capability"] = [it.question for it in capability]
+    if not sets:
+        raise CNAError("no prompt sets to evaluate")
+    return sets
+
+
 def sweep(
     model: Any,
     prompt_sets: Mapping[str, Sequence[str]],
@@ -555,16 +577,9 @@ def sweep(
     """
     from cna_lens.analysis import random_control_circuit
     from cna_lens.caa import caa_generate
-    from cna_lens.loading import validate_prompts
     from cna_lens.steering import generate
 
-    sets = {str(k): validate_prompts(v, f"prompt set {k!r}") for k, v in prompt_sets.items()}
-    if capability is not None:
-        if "capability" in sets:
-            raise CNAError("prompt set name 'capability' is reserved for the capability items")
-        sets["capability"] = [it.question for it in capability]
-    if not sets:
-        raise CNAError("no prompt sets to evaluate")
+    sets = evaluation_sets(prompt_sets, capability)
     mults = _check_strengths("multipliers", multipliers) if circuit is not None else ()
     alphas = _check_strengths("caa_alphas", caa_alphas) if caa is not None else ()
     controls = (

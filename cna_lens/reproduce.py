@@ -98,6 +98,7 @@ class ReproduceConfig:
             ``organism.CIRCUIT_FRACTION`` (1%; the paper's 0.1% is 3 neurons there) on the
             organism, the paper's 0.1% otherwise.
         top_k: Circuit size as a count when ``discovery`` is None (overrides ``fraction``).
+        score: Neuron score when ``discovery`` is None (see :mod:`cna_lens.scores`).
         multipliers: CNA multipliers of the sweep (must include 0 and 1).
         caa_alphas: CAA strengths of the sweep (must include 0).
         caa_layers: Layers CAA steers (None: the middle layer).
@@ -124,6 +125,7 @@ class ReproduceConfig:
     discovery: DiscoveryConfig | None = None
     fraction: float | None = None
     top_k: int | None = None
+    score: str = "abs_delta"
     multipliers: tuple[float, ...] = CNA_MULTIPLIERS
     caa_alphas: tuple[float, ...] = CAA_ALPHAS
     caa_layers: tuple[int, ...] | None = None
@@ -164,10 +166,12 @@ class ReproduceConfig:
             raise CNAError(f"n_bootstrap must be >= 1, got {self.n_bootstrap}")
         if self.n_cards < 0:
             raise CNAError(f"n_cards must be >= 0, got {self.n_cards}")
-        if self.discovery is not None and (self.fraction is not None or self.top_k is not None):
+        if self.discovery is not None and (
+            self.fraction is not None or self.top_k is not None or self.score != "abs_delta"
+        ):
             raise CNAError(
-                "pass the circuit size either in discovery=DiscoveryConfig(...) or "
-                "as fraction/top_k, not both"
+                "pass the circuit size and score either in discovery=DiscoveryConfig(...) or "
+                "as fraction/top_k/score, not both"
             )
         if self.caa_layers is not None:
             object.__setattr__(self, "caa_layers", tuple(int(x) for x in self.caa_layers))
@@ -365,7 +369,7 @@ def resolve_models(cfg: ReproduceConfig) -> tuple[str, str | None]:
 
 
 def discovery_config(cfg: ReproduceConfig, inputs: Inputs) -> DiscoveryConfig:
-    """The run's :class:`DiscoveryConfig`: ``cfg.discovery`` or one from fraction/top_k,
+    """The run's :class:`DiscoveryConfig`: ``cfg.discovery`` or one from fraction/top_k/score,
     with the run's universal prompts and batch size filled in where not given."""
     if cfg.discovery is not None:
         dcfg = cfg.discovery
@@ -380,7 +384,7 @@ def discovery_config(cfg: ReproduceConfig, inputs: Inputs) -> DiscoveryConfig:
             size = {"fraction": CIRCUIT_FRACTION}
         else:
             size = {"fraction": 0.001}
-        dcfg = DiscoveryConfig(**size, batch_size=cfg.batch_size)
+        dcfg = DiscoveryConfig(**size, score=cfg.score, batch_size=cfg.batch_size)
     if dcfg.universal_prompts is None and inputs.universal is not None:
         dcfg = replace(dcfg, universal_prompts=tuple(inputs.universal))
     return dcfg
@@ -1030,47 +1034,8 @@ def reproduce(
 
 
 # ----------------------------------------------------------------------------- CLI
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
-    if args.score is not None:
-        size = (
-            {"top_k": args.top_k, "fraction": None}
-            if args.top_k is not None
-            else {"fraction": args.fraction}
-            if args.fraction is not None
-            else {}
-        )
-        if not size:
-            size = {
-                "fraction": None
-                if args.model is None or args.model.startswith("organism:")
-                else 0.001
-            }
-            if size["fraction"] is None:
-                from cna_lens.organism import CIRCUIT_FRACTION
-
-                size["fraction"] = CIRCUIT_FRACTION
-        overrides["discovery"] = DiscoveryConfig(
-            **size, score=args.score, batch_size=args.batch_size or 64
-        )
     explicit = {
         "model": args.model,
         "base_model": args.base_model,
@@ -1095,9 +1060,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         "batch_size",
         "top_k",
         "fraction",
+        "score",
     ):
-        if key in ("top_k", "fraction") and "discovery" in overrides:
-            continue
         value = getattr(args, key)
         if value is not None:
             explicit[key] = value
@@ -1114,6 +1078,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any, handlers: dict[str, Callable[..., int]]) -> None:
     """Add the ``reproduce`` command to the ``cna-lens`` CLI."""
+    from cna_lens.cli import comma_floats, comma_ints
+
     p = subparsers.add_parser(
         "reproduce",
         help="check every claim of the paper on an instruct/base pair "
@@ -1158,19 +1124,19 @@ def register(subparsers: Any, handlers: dict[str, Callable[..., int]]) -> None:
     )
     p.add_argument(
         "--multipliers",
-        type=_floats,
+        type=comma_floats,
         default=None,
         help=f"CNA multipliers (default {','.join(map(_key, CNA_MULTIPLIERS))})",
     )
     p.add_argument(
         "--caa-alphas",
-        type=_floats,
+        type=comma_floats,
         default=None,
         help=f"CAA strengths; write --caa-alphas=-4,0,4 for negatives (default {','.join(map(_key, CAA_ALPHAS))})",
     )
     p.add_argument(
         "--caa-layers",
-        type=_ints,
+        type=comma_ints,
         default=None,
         help="layers CAA steers (default: the middle layer)",
     )

@@ -267,3 +267,14 @@ def test_reproduce_refuses_a_foreign_non_empty_out_dir_before_loading(tmp_path, 
     assert (out / "notes.txt").read_text() == "my own file" and len(list(out.iterdir())) == 1
     code = main(["reproduce", "--model", "organism:bogus", "--out", str(tmp_path / "o")])
     assert code == 2
+
+
+def test_score_reaches_the_discovery_config_and_conflicts_with_an_explicit_one(model_dirs):
+    from cna_lens.discovery import DiscoveryConfig
+    from cna_lens.reproduce import discovery_config, load_inputs
+
+    cfg = ReproduceConfig(model=str(model_dirs["llama"]), score="effect_size", n_eval=2)
+    dcfg = discovery_config(cfg, load_inputs(cfg))
+    assert dcfg.score == "effect_size" and dcfg.fraction == 0.001
+    with pytest.raises(CNAError, match="not both"):
+        ReproduceConfig(discovery=DiscoveryConfig(), score="effect_size")
