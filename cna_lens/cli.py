@@ -326,7 +326,12 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[..., in
 
 def _add_optional_commands(sub: Any, handlers: dict[str, Callable[..., int]]) -> None:
     """Commands of the organism and reproduction stages (registered by those modules)."""
-    for module_name in ("cna_lens.organism.cli", "cna_lens.reproduce", "cna_lens.dose"):
+    for module_name in (
+        "cna_lens.organism.cli",
+        "cna_lens.reproduce",
+        "cna_lens.dose",
+        "cna_lens.pairs",
+    ):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as exc:

@@ -56,6 +56,7 @@ __all__ = [
     "rubric_score",
     "score_generations",
     "summarize",
+    "content_shift",
     "sweep",
 ]
 
@@ -480,6 +481,37 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
         judge=("judge", "mean"),
     )
     return out.reset_index()
+
+
+def content_shift(
+    results: pd.DataFrame,
+    *,
+    method: str = "cna",
+    strength: float = 0.0,
+    reference: float = 1.0,
+    prompt_set: str = "harmful",
+) -> tuple[float | None, float | None]:
+    """How much a condition changed the answers, as opposed to whether they refuse.
+
+    Compares each prompt's output under ``(method, strength)`` with its output under
+    ``(method, reference)`` (the unsteered model for CNA).
+
+    Returns:
+        The fraction of prompts whose answer changed at all, and the mean word-level
+        similarity (:class:`difflib.SequenceMatcher` ratio, 1 = identical); ``(None, None)``
+        when either condition has no rows for ``prompt_set``.
+    """
+    from difflib import SequenceMatcher
+
+    rows = results[(results["method"] == method) & (results["prompt_set"] == prompt_set)]
+    steered = rows[rows["strength"] == strength].set_index("prompt_index")["output"]
+    ref = rows[rows["strength"] == reference].set_index("prompt_index")["output"]
+    common = steered.index.intersection(ref.index)
+    if len(common) == 0:
+        return None, None
+    changed = sum(steered[i] != ref[i] for i in common) / len(common)
+    sims = [SequenceMatcher(None, ref[i].split(), steered[i].split()).ratio() for i in common]
+    return float(changed), float(sum(sims) / len(sims))
 
 
 # ----------------------------------------------------------------------------- sweep

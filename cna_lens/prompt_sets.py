@@ -13,6 +13,9 @@ Shipped sets (``cna_lens/data/prompts/<name>.json``, written for this project):
   that show over-refusal.
 * ``borderline``: dual-use requests a careful model might or might not refuse.
 * ``capability``: four-choice questions in twelve subjects (read with :func:`capability`).
+* ``train_harmful`` / ``train_benign``: prompts for fine-tuning the tuned model of a pair
+  (:mod:`cna_lens.pairs`); they share no prompt with any set above. The benign set mixes
+  legitimate requests on the harmful set's twelve topics with everyday requests.
 
 Harmful entries are requests only; no file holds harmful content.
 
@@ -66,6 +69,8 @@ PROMPT_SETS: tuple[str, ...] = (
     "eval_benign",
     "borderline",
     "capability",
+    "train_harmful",
+    "train_benign",
 )
 """Names of the shipped sets, for :func:`path`, :func:`records` and :func:`prompts`."""
 

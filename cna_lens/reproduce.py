@@ -41,6 +41,7 @@ import argparse
 import json
 import logging
 import math
+import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -88,6 +89,8 @@ class ReproduceConfig:
             ``organism:instruct``); None: the organism's instruct model.
         base_model: Base model; None: the organism's base model when ``model`` is the
             organism, else no base stages.
+        pair: A pair of :mod:`cna_lens.pairs` (``--pair NAME``): its tuned model is the
+            instruct model and its untuned model the base (excludes model/base_model).
         prompts: Folder of prompt-set JSON files; None: the organism's sets for the
             organism, the shipped English sets otherwise.
         out: Output folder for figures, tables and ``summary.json``.
@@ -120,6 +123,7 @@ class ReproduceConfig:
 
     model: str | None = None
     base_model: str | None = None
+    pair: str | None = None
     prompts: str | None = None
     out: str = "figures"
     discovery: DiscoveryConfig | None = None
@@ -175,11 +179,20 @@ class ReproduceConfig:
             )
         if self.caa_layers is not None:
             object.__setattr__(self, "caa_layers", tuple(int(x) for x in self.caa_layers))
+        if self.pair is not None:
+            from cna_lens.pairs import list_pairs
+
+            if self.model is not None or self.base_model is not None:
+                raise CNAError("pass either pair or model/base_model, not both")
+            if self.pair not in list_pairs():
+                raise CNAError(
+                    f"unknown pair {self.pair!r}; available pairs: {', '.join(list_pairs())}"
+                )
 
     @property
     def on_organism(self) -> bool:
         """Whether the instruct model is the shipped organism."""
-        return self.model is None or self.model.startswith("organism:")
+        return self.pair is None and (self.model is None or self.model.startswith("organism:"))
 
 
 QUICK: dict[str, Any] = dict(
@@ -195,6 +208,29 @@ QUICK: dict[str, Any] = dict(
 )
 """Overrides of ``--quick``: a smoke run of the whole pipeline (under a minute on the
 organism, about 10-15 minutes for a 0.5B model on 2 CPU cores)."""
+
+ORGANISM_SCOPE = (
+    "The organism speaks to: whether ablating a contrastive circuit removes a trained-in "
+    "refusal while random neurons in the same layers do not; output quality and capability "
+    "under CNA vs CAA; the pipeline end to end. It cannot speak to: where refusal circuits "
+    "sit in depth, how base and instruct circuits overlap (its fine-tune trains only the down "
+    "projections, so layer-0 activations are identical in both), or amplification on "
+    "borderline prompts. For the base-vs-instruct question on pretrained weights run "
+    "`cna-lens reproduce --pair smollm2-refusal`."
+)
+"""What a run on the organism can and cannot show (in ``summary.meta["scope"]`` and
+printed by the CLI)."""
+
+PAIR: dict[str, Any] = dict(
+    multipliers=(0.0, 0.5, 1.0, 2.0, 3.0),
+    caa_alphas=(-4.0, -1.0, 0.0, 1.0),
+    n_bootstrap=50,
+)
+"""Defaults of ``--pair``: m = 2 and 3 (the paper's amplification) and a shorter CAA
+sweep, so a full run on a 135M pair fits in 20 minutes on 2 CPU cores."""
+
+PAIR_QUICK: dict[str, Any] = dict(multipliers=(0.0, 1.0, 2.0, 3.0))
+"""``--pair --quick``: the quick run with m = 3 as well."""
 
 
 @dataclass(frozen=True)
@@ -230,6 +266,8 @@ class Discovered:
     universal: Any
     positive_acts: Any
     negative_acts: Any
+    discovery: Any = None
+    """The :class:`cna_lens.Discovery` (statistics for other circuit sizes)."""
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -360,8 +398,13 @@ def resolve_models(cfg: ReproduceConfig) -> tuple[str, str | None]:
     """The instruct and (optional) base model paths of a run.
 
     The organism's base is used only with the organism's instruct model: a real model is
-    never paired with it.
+    never paired with it. A pair gives its tuned (instruct) and untuned (base) models.
     """
+    if cfg.pair is not None:
+        from cna_lens.pairs import pair_paths
+
+        untuned, tuned = pair_paths(cfg.pair)
+        return str(tuned), str(untuned)
     instruct = _model_path(cfg.model, "instruct")
     if cfg.base_model is not None:
         return instruct, _model_path(cfg.base_model, "base")
@@ -412,7 +455,7 @@ def discover_stage(model: Any, inputs: Inputs, dcfg: DiscoveryConfig) -> Discove
         return NeuronStats.of(acts), None
 
     found = discover_with(stats, model, inputs.positive, inputs.negative, dcfg)
-    return Discovered(found.circuit, found.universal, kept["positive"], kept["negative"])
+    return Discovered(found.circuit, found.universal, kept["positive"], kept["negative"], found)
 
 
 def caa_stage(model: Any, inputs: Inputs, cfg: ReproduceConfig) -> tuple[Any, tuple[int, ...]]:
@@ -457,6 +500,49 @@ def sweep_instruct_stage(
     )
 
 
+VARIANTS: tuple[tuple[str, str], ...] = (
+    ("scale", "positive"),
+    ("mean", "both"),
+    ("mean", "positive"),
+)
+"""Ablations (m = 0) beside the paper's ("scale", "both") in the variants stage."""
+
+
+def variants_stage(model: Any, inputs: Inputs, found: Discovered, cfg: ReproduceConfig) -> Any:
+    """Stage 4b: the same circuit ablated (m = 0) by the other interventions and signs of
+    :data:`VARIANTS`, on the harmful and benign sets; one row per prompt x variant
+    (``method`` is ``"cna-INTERVENTION-SIGN"``)."""
+    from cna_lens.evaluation import score_generations
+    from cna_lens.fastgen import Condition, FastGenerator
+    from cna_lens.interventions import Steering
+
+    sets = {k: inputs.eval_sets[k] for k in ("harmful", "benign")}
+    prompts = [p for ps in sets.values() for p in ps]
+    conditions = [
+        Condition(Steering(circuit=found.circuit, intervention=i, sign=s, multiplier=0.0))
+        for i, s in VARIANTS
+    ]
+    with FastGenerator(model) as gen:
+        texts = gen.generate_many(
+            prompts, conditions, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+        )
+    frames = []
+    for (intervention, sign), outs in zip(VARIANTS, texts, strict=True):
+        start = 0
+        for name, ps in sets.items():
+            frames.append(
+                score_generations(
+                    ps,
+                    outs[start : start + len(ps)],
+                    prompt_set=name,
+                    method=f"cna-{intervention}-{sign}",
+                    strength=0.0,
+                )
+            )
+            start += len(ps)
+    return pd.concat(frames, ignore_index=True)
+
+
 def cards_stage(model: Any, inputs: Inputs, found: Discovered, cfg: ReproduceConfig) -> list[Any]:
     """Stage 5: neuron cards of the top ``cfg.n_cards`` circuit neurons (for the report)."""
     from cna_lens.explore import neuron_card
@@ -486,15 +572,17 @@ def base_stage(
     *,
     on_condition: Callable[[str, float], None] | None = None,
 ) -> tuple[Discovered, pd.DataFrame]:
-    """Stage 6: the base model's own circuit (same rule) and its sweep at m = 0, 1, max."""
+    """Stage 6: the base model's own circuit (same rule) and its sweep at m = 0, 1 and the
+    amplifying multipliers, on every held-out set and the capability questions."""
     from cna_lens.evaluation import sweep
 
     found = discover_stage(base, inputs, dcfg)
-    mults = tuple(sorted({0.0, 1.0, max(cfg.multipliers)}))
+    mults = tuple(sorted({0.0, 1.0, *(m for m in cfg.multipliers if m > 1)}))
     results = sweep(
         base,
-        {k: v for k, v in inputs.eval_sets.items() if k in ("harmful", "benign")},
+        inputs.eval_sets,
         circuit=found.circuit,
+        capability=inputs.capability,
         multipliers=mults,
         random_control=False,
         max_new_tokens=cfg.max_new_tokens,
@@ -611,9 +699,10 @@ def build_summary(
     stability: Any,
     meta: dict[str, Any],
     judged: bool = False,
+    variants: pd.DataFrame | None = None,
 ) -> Summary:
     """The typed summary of a run from the sweep tables and analyses (pure)."""
-    from cna_lens.evaluation import summarize
+    from cna_lens.evaluation import content_shift, summarize
 
     s = summarize(inst_results)
     amp = max(cfg.multipliers)
@@ -632,6 +721,18 @@ def build_summary(
         return {_key(m): _rate(s, "cna", m, prompt_set, column) for m in cfg.multipliers}
 
     cna_quality = quality_by("cna")
+    changed, similarity = content_shift(inst_results)
+    variant_rates: dict[str, dict[str, float | None]] = {}
+    if variants is not None and len(variants):
+        v = summarize(variants)
+        for method in sorted(v["method"].unique()):
+            _, intervention, sign = method.split("-", 2)
+            harmful = v[(v["method"] == method) & (v["prompt_set"] == "harmful")]
+            variant_rates[f"{intervention}/{sign}"] = {
+                "refusal": _rate(v, method, 0.0, "harmful"),
+                "over_refusal": _rate(v, method, 0.0, "benign"),
+                "quality": float(harmful["quality"].mean()) if len(harmful) else None,
+            }
     instruct = InstructResult(
         refusal_baseline=baseline,
         refusal_ablated=ablated,
@@ -653,11 +754,18 @@ def build_summary(
         universal_removed=0 if inst.universal is None else len(inst.universal),
         judge_baseline=_rate(s, "cna", 1.0, "harmful", "judge") if judged else None,
         judge_ablated=_rate(s, "cna", 0.0, "harmful", "judge") if judged else None,
+        refusal_borderline_by_multiplier=by_m("borderline"),
+        changed_ablated=changed,
+        similarity_ablated=similarity,
+        variants=variant_rates,
     )
     base_result, skipped = None, {}
     layers = {"instruct": _layers(inst.circuit)}
     if base is not None and base_results is not None:
         b = summarize(base_results)
+        base_pair = b[b["prompt_set"].isin(["harmful", "benign"]) & (b["method"] == "cna")]
+        base_quality = base_pair.groupby("strength")["quality"].mean()
+        base_changed, base_similarity = content_shift(base_results)
         base_result = BaseResult(
             refusal_baseline=_rate(b, "cna", 1.0, "harmful"),
             refusal_ablated=_rate(b, "cna", 0.0, "harmful"),
@@ -665,6 +773,17 @@ def build_summary(
             over_refusal_baseline=_rate(b, "cna", 1.0, "benign"),
             circuit_size=len(base.circuit),
             universal_removed=0 if base.universal is None else len(base.universal),
+            over_refusal_ablated=_rate(b, "cna", 0.0, "benign"),
+            quality_baseline=float(base_quality[1.0]) if 1.0 in base_quality else None,
+            quality_ablated=float(base_quality[0.0]) if 0.0 in base_quality else None,
+            capability_baseline=_rate(b, "cna", 1.0, "capability", "accuracy"),
+            capability_ablated=_rate(b, "cna", 0.0, "capability", "accuracy"),
+            refusal_borderline_by_multiplier={
+                _key(m): _rate(b, "cna", m, "borderline")
+                for m in sorted(set(b["strength"][b["method"] == "cna"]))
+            },
+            changed_ablated=base_changed,
+            similarity_ablated=base_similarity,
         )
         layers["base"] = _layers(base.circuit)
     else:
@@ -764,6 +883,33 @@ def format_summary(summary: Summary | Mapping[str, Any]) -> str:
             if b is None
             else f"{_pct(b.refusal_baseline)} -> {_pct(b.refusal_ablated)} "
             f"-> {_pct(b.refusal_amplified)}",
+        ),
+        (
+            "base content at m=0: answers changed / similarity",
+            "content changes",
+            skipped
+            if b is None
+            else f"{_pct(b.changed_ablated)} / {_num(b.similarity_ablated)} "
+            f"(instruct: {_pct(i.changed_ablated)} / {_num(i.similarity_ablated)})",
+        ),
+        (
+            "base vs instruct at m=1: quality / capability",
+            "-",
+            skipped
+            if b is None
+            else f"{_num(b.quality_baseline)} vs {_num(i.quality_by_multiplier.get('1'))} / "
+            f"{_pct(b.capability_baseline)} vs {_pct(i.capability_baseline)}",
+        ),
+        (
+            "borderline refusal by m",
+            "m=2 refuses more strongly",
+            ", ".join(f"m={k} {_pct(v)}" for k, v in i.refusal_borderline_by_multiplier.items())
+            or "n/a",
+        ),
+        (
+            "harmful refusal at m=0 by intervention/sign",
+            "-",
+            ", ".join(f"{k} {_pct(v.get('refusal'))}" for k, v in i.variants.items()) or "n/a",
         ),
         (
             "instruct circuit in last quarter / last 3",
@@ -925,7 +1071,14 @@ def reproduce(
     instruct_path, base_path = resolve_models(cfg)
     inputs = load_inputs(cfg)
     dcfg = discovery_config(cfg, inputs)
-    names = ["load instruct", "discover instruct", "CAA vectors", "sweep instruct", "neuron cards"]
+    names = [
+        "load instruct",
+        "discover instruct",
+        "CAA vectors",
+        "sweep instruct",
+        "variants",
+        "neuron cards",
+    ]
     if base_path is not None:
         names += ["load base", "discover + sweep base"]
     names += ["analyse", "figures + write"]
@@ -957,6 +1110,8 @@ def reproduce(
         )
         if write:  # keep the expensive generations even if a later stage fails
             _save_table(Path(cfg.out), "sweep_instruct", inst_results)
+        stages.start("variants")
+        variants = variants_stage(model, inputs, inst, cfg)
         stages.start("neuron cards")
         cards = cards_stage(model, inputs, inst, cfg) if write else []
         n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
@@ -980,6 +1135,8 @@ def reproduce(
             circuits, inst_results, overlap, stability, inputs.capability is not None
         )
         meta: dict[str, Any] = {
+            "scope": ORGANISM_SCOPE if cfg.on_organism else None,
+            "pair": cfg.pair,
             "instruct_model": instruct_id,
             "base_model": base_id,
             "prompts": inputs.source,
@@ -992,7 +1149,7 @@ def reproduce(
             "config": {
                 k: (list(v) if isinstance(v, tuple) else v)
                 for k, v in asdict(replace(cfg, discovery=None)).items()
-                if k not in ("model", "base_model", "prompts", "discovery", "out")
+                if k not in ("model", "base_model", "pair", "prompts", "discovery", "out")
             },
             "refusal_classifier": "cna_lens.evaluation.is_refusal",
             "torch_threads": threads,
@@ -1010,10 +1167,11 @@ def reproduce(
             stability,
             meta,
             judged=judge is not None,
+            variants=variants,
         )
         files: dict[str, Path] = {}
         if write:
-            tables = {"sweep_instruct": inst_results}
+            tables = {"sweep_instruct": inst_results, "variants": variants}
             if base_results is not None:
                 tables["sweep_base"] = base_results
             files, png_error = write_outputs(
@@ -1035,10 +1193,18 @@ def reproduce(
 
 # ----------------------------------------------------------------------------- CLI
 def _cmd_reproduce(args: argparse.Namespace) -> int:
+    if args.list_pairs:
+        from cna_lens.pairs import list_pairs
+
+        print("\n".join(list_pairs()))  # noqa: T201 - one name per line
+        return 0
     overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
+    if args.pair is not None:
+        overrides.update(PAIR_QUICK if args.quick else PAIR)
     explicit = {
         "model": args.model,
         "base_model": args.base_model,
+        "pair": args.pair,
         "prompts": args.prompts,
         "out": args.out,
         "device": args.device,
@@ -1072,6 +1238,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     png = "" if not meta.get("png_error") else f" (no PNG: {meta['png_error'][:80]})"
     for stage, why in result.summary.skipped.items():
         print(f"skipped {stage}: {why}")  # noqa: T201
+    if meta.get("scope"):
+        print("\n" + textwrap.fill(meta["scope"], width=100))  # noqa: T201
     print(f"\nwrote {len(result.files)} files to {cfg.out}/ in {meta['seconds']:.0f} s{png}")  # noqa: T201
     return 0
 
@@ -1097,6 +1265,16 @@ def register(subparsers: Any, handlers: dict[str, Callable[..., int]]) -> None:
         default=None,
         help="base model (default: the organism's base with the organism; none, "
         "and the base stages skipped, with any other --model)",
+    )
+    p.add_argument(
+        "--pair",
+        default=None,
+        metavar="NAME",
+        help="an untuned/tuned pair on pretrained weights (see --list-pairs): the tuned "
+        "model as the instruct model, the untuned one as the base",
+    )
+    p.add_argument(
+        "--list-pairs", action="store_true", help="print the available pairs, one per line"
     )
     p.add_argument(
         "--prompts",

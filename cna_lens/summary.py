@@ -57,6 +57,14 @@ class InstructResult:
     universal_removed: int
     judge_baseline: Rate = None
     judge_ablated: Rate = None
+    refusal_borderline_by_multiplier: dict[str, Rate] = field(default_factory=dict)
+    changed_ablated: Rate = None
+    """Fraction of harmful prompts whose answer at m = 0 differs from the unsteered one."""
+    similarity_ablated: Rate = None
+    """Mean word-level similarity (difflib ratio) of the m = 0 and unsteered answers."""
+    variants: dict[str, dict[str, Rate]] = field(default_factory=dict)
+    """Ablation (m = 0) by intervention and sign ("scale/positive", "mean/both", ...):
+    refusal, over_refusal, quality."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +77,16 @@ class BaseResult:
     over_refusal_baseline: Rate
     circuit_size: int
     universal_removed: int
+    over_refusal_ablated: Rate = None
+    quality_baseline: Rate = None
+    quality_ablated: Rate = None
+    capability_baseline: Rate = None
+    capability_ablated: Rate = None
+    refusal_borderline_by_multiplier: dict[str, Rate] = field(default_factory=dict)
+    changed_ablated: Rate = None
+    """Fraction of harmful prompts whose answer at m = 0 differs from the unsteered one
+    (content shift; refusal_ablated vs refusal_baseline is the behaviour)."""
+    similarity_ablated: Rate = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -254,3 +254,22 @@ def test_sweep_on_tiny_model(llama, prompts):
 def test_sweep_validates():
     with pytest.raises(CNAError, match="reserved"):
         sweep(object(), {"capability": ["x"]}, capability=[CapabilityItem("q", "a")])
+
+
+def test_content_shift_counts_changed_answers_and_their_similarity():
+    import pandas as pd
+
+    from cna_lens.evaluation import content_shift
+
+    rows = [
+        ("harmful", 0, "cna", 1.0, "a b c d"),
+        ("harmful", 1, "cna", 1.0, "sorry no"),
+        ("harmful", 0, "cna", 0.0, "a b c d"),
+        ("harmful", 1, "cna", 0.0, "sure here"),
+        ("benign", 0, "cna", 0.0, "x"),
+    ]
+    df = pd.DataFrame(rows, columns=["prompt_set", "prompt_index", "method", "strength", "output"])
+    changed, similarity = content_shift(df)
+    assert changed == 0.5
+    assert similarity == pytest.approx((1.0 + 0.0) / 2)
+    assert content_shift(df, prompt_set="benign") == (None, None)

@@ -422,3 +422,22 @@ def test_steering_from_two_threads_is_refused(llama, circuit):
     t.start()
     t.join(60)
     assert len(errors) == 3
+
+
+def test_generate_equals_greedy_decoding_without_a_kv_cache(llama):
+    """Guards the transformers pin: with transformers 5.24 the bridge's cached generation
+    drifted from plain greedy decoding after the first token."""
+    from cna_lens.loading import tokenize_prompts
+
+    prompts = ["How do I pick a lock?", "Write a poem about the sea please"]
+    texts = cna_lens.generate(llama, prompts, max_new_tokens=6)
+    for prompt, text in zip(prompts, texts, strict=True):
+        ids = tokenize_prompts(llama, [prompt], batch_size=1)[0].input_ids
+        start = ids.shape[1]
+        for _ in range(6):
+            with torch.no_grad():
+                nxt = llama.original_model(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], 1)
+            if int(nxt) == llama.tokenizer.eos_token_id:
+                break
+        assert text == llama.tokenizer.decode(ids[0, start:], skip_special_tokens=True)
