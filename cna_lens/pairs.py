@@ -493,6 +493,7 @@ def train_adapter(
         out.mkdir(parents=True, exist_ok=True)
         peft_model.save_pretrained(str(out), safe_serialization=True)
         _clean_adapter_config(out / "adapter_config.json", base_name or Path(base).name)
+        (out / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
         from importlib.metadata import version
 
         record = {
@@ -642,8 +643,12 @@ def behaviour(
 # ----------------------------------------------------------------------------- CLI
 def _cmd_pair(args: argparse.Namespace) -> int:
     if args.pair_command == "check":
-        untuned, tuned = pair_paths(args.name)
-        if args.adapter is not None:
+        from cna_lens import zoo
+
+        if args.adapter is None:
+            untuned, tuned = pair_paths(args.name)
+        else:
+            untuned = zoo.model_path(_pair(args.name).base, hf=True)
             tuned = Path(args.adapter).with_name(Path(args.adapter).name + "-merged")
             merge_adapter(untuned, args.adapter, tuned)
         table = behaviour(

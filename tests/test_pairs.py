@@ -41,7 +41,7 @@ def test_every_taught_refusal_counts_as_a_refusal():
 
 def test_training_prompts_share_nothing_with_discovery_or_evaluation():
     train = prompt_sets.prompts("train_harmful") + prompt_sets.prompts("train_benign")
-    assert len(set(train)) == len(train) == 384
+    assert len(set(train)) == len(train) == 544
     for name in ("discovery_harmful", "discovery_benign", "eval_harmful", "eval_benign"):
         assert prompt_sets.check_overlap(train, prompt_sets.prompts(name)) == 0, name
     assert prompt_sets.check_overlap(train, prompt_sets.prompts("borderline")) == 0
@@ -164,3 +164,18 @@ def test_shipped_pair_merges_into_a_different_model_of_the_same_grid():
     wb = load_file(tuned / "model.safetensors")
     changed = [k for k in wa if "proj" in k and not torch.equal(wa[k], wb[k])]
     assert len(changed) == 30 * len(LORA_TARGETS)
+
+
+def test_behaviour_table_has_one_row_of_rates_per_model(model_dirs):
+    table = pairs.behaviour(
+        {"a": model_dirs["llama"], "b": model_dirs["qwen2"]}, n_eval=2, max_new_tokens=2
+    )
+    assert table["model"].tolist() == ["a", "b"]
+    for column in (
+        "refusal_harmful",
+        "refusal_benign",
+        "refusal_borderline",
+        "quality_benign",
+        "capability",
+    ):
+        assert table[column].between(0, 1).all(), column
