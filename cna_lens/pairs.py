@@ -172,6 +172,7 @@ PAIRS: dict[str, Pair] = {
             base="smollm2-135m-instruct",
             description="SmolLM2-135M-Instruct (rarely refuses) and a LoRA refusal fine-tune "
             "of it (all 30 layers, attention and MLP)",
+            train=TrainConfig(epochs=2),
         ),
     )
 }

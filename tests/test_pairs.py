@@ -179,3 +179,12 @@ def test_behaviour_table_has_one_row_of_rates_per_model(model_dirs):
         "capability",
     ):
         assert table[column].between(0, 1).all(), column
+
+
+def test_reproduce_pair_runs_the_tuned_model_as_instruct_and_the_untuned_as_base(monkeypatch):
+    from cna_lens import reproduce
+
+    monkeypatch.setattr(pairs, "pair_paths", lambda name: ("/u/untuned", "/t/tuned"))
+    cfg = reproduce.ReproduceConfig(pair="smollm2-refusal")
+    assert reproduce.resolve_models(cfg) == ("/t/tuned", "/u/untuned")
+    assert reproduce.load_inputs(cfg).source == "english"
