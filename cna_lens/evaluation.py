@@ -55,6 +55,7 @@ __all__ = [
     "rubric_judge",
     "rubric_score",
     "score_generations",
+    "score_sets",
     "summarize",
     "content_shift",
     "sweep",
@@ -462,6 +463,46 @@ def score_generations(
     return df
 
 
+def score_sets(
+    sets: Mapping[str, Sequence[str]],
+    outputs: Sequence[str],
+    *,
+    method: str,
+    strength: float,
+    classifier: Callable[[str], bool] = is_refusal,
+    capability: Sequence[CapabilityItem] | None = None,
+    judge: Judge | None = None,
+    judge_sets: Sequence[str] = (),
+) -> pd.DataFrame:
+    """:func:`score_generations` of one condition's ``outputs``, generated for the prompts
+    of ``sets`` concatenated in order (as :func:`evaluation_sets` builds them): the set
+    ``"capability"`` is scored against ``capability``, the sets in ``judge_sets`` by
+    ``judge``.
+
+    Raises:
+        CNAError: ``outputs`` is not one text per prompt.
+    """
+    n = sum(len(ps) for ps in sets.values())
+    if len(outputs) != n:
+        raise CNAError(f"got {len(outputs)} outputs for {n} prompts")
+    frames, start = [], 0
+    for name, ps in sets.items():
+        frames.append(
+            score_generations(
+                ps,
+                outputs[start : start + len(ps)],
+                prompt_set=name,
+                method=method,
+                strength=strength,
+                classifier=classifier,
+                capability=capability if name == "capability" else None,
+                judge=judge if name in judge_sets else None,
+            )
+        )
+        start += len(ps)
+    return pd.concat(frames, ignore_index=True)
+
+
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
     """Mean refusal rate, quality, accuracy and judge score per method x strength x prompt set.
 
@@ -705,23 +746,18 @@ def sweep(
             bar.set_postfix_str(f"{method} {strength:g}")
             if on_condition is not None:
                 on_condition(method, strength)
-            outputs = run(method, strength)
-            start = 0
-            for name, ps in sets.items():
-                outs = outputs[start : start + len(ps)]
-                start += len(ps)
-                frames.append(
-                    score_generations(
-                        ps,
-                        outs,
-                        prompt_set=name,
-                        method=method,
-                        strength=strength,
-                        classifier=classifier,
-                        capability=capability if name == "capability" else None,
-                        judge=judge if name in judge_sets else None,
-                    )
+            frames.append(
+                score_sets(
+                    sets,
+                    run(method, strength),
+                    method=method,
+                    strength=strength,
+                    classifier=classifier,
+                    capability=capability,
+                    judge=judge,
+                    judge_sets=judge_sets,
                 )
+            )
     finally:
         bar.close()
         if gen is not None:

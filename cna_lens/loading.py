@@ -332,29 +332,41 @@ def is_chat_model(model: Any) -> bool:
 
 def format_prompt(model: Any, prompt: str) -> str:
     """The text fed to the model: user turn + generation prompt for chat models, else raw."""
-    if not is_chat_model(model):
+    return format_for(model.tokenizer, prompt, chat=is_chat_model(model))
+
+
+def format_for(tokenizer: Any, prompt: str, *, chat: bool) -> str:
+    """:func:`format_prompt` for a bare tokenizer: the chat user turn + generation prompt
+    when ``chat``, else ``prompt`` unchanged.
+
+    Raises:
+        CNAError: ``chat`` but the tokenizer has no chat template.
+    """
+    if not chat:
         return prompt
-    tok = model.tokenizer
-    if not getattr(tok, "chat_template", None):
+    if not getattr(tokenizer, "chat_template", None):
         raise CNAError("chat formatting was forced on, but the tokenizer has no chat template")
-    return tok.apply_chat_template(
+    text: str = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
     )
+    return text
 
 
-def _encode(model: Any, prompt: str) -> list[int]:
-    tok = model.tokenizer
-    text = format_prompt(model, prompt)
-    ids: list[int]
-    if is_chat_model(model):
-        # The template writes its own special tokens (BOS included, where the model uses one).
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
-    else:
-        ids = list(tok(text, add_special_tokens=True)["input_ids"])
-    bos = tok.bos_token_id
+def encode_for(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:
+    """The token ids of ``prompt`` as the model is fed it (see :func:`format_for`): special
+    tokens from the chat template, or the tokenizer's own without one; a doubled BOS is
+    collapsed to one."""
+    text = format_for(tokenizer, prompt, chat=chat)
+    # The template writes its own special tokens (BOS included, where the model uses one).
+    ids = list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
+    bos = tokenizer.bos_token_id
     while bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
         ids = ids[1:]
     return ids
+
+
+def _encode(model: Any, prompt: str) -> list[int]:
+    return encode_for(model.tokenizer, prompt, chat=is_chat_model(model))
 
 
 @dataclass(frozen=True)

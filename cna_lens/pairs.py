@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from cna_lens.errors import CNAError
 from cna_lens.io import atomic_write_text
+from cna_lens.loading import encode_for
 
 __all__ = [
     "LORA_TARGETS",
@@ -53,6 +54,7 @@ __all__ = [
     "Pair",
     "TrainConfig",
     "adapter_dir",
+    "get_pair",
     "behaviour",
     "list_pairs",
     "merge_adapter",
@@ -184,7 +186,12 @@ def list_pairs() -> list[str]:
     return sorted(PAIRS)
 
 
-def _pair(name: str) -> Pair:
+def get_pair(name: str) -> Pair:
+    """The pair called ``name``.
+
+    Raises:
+        CNAError: unknown name (the message lists the available pairs).
+    """
     if name not in PAIRS:
         raise CNAError(f"unknown pair {name!r}; available pairs: {', '.join(list_pairs())}")
     return PAIRS[name]
@@ -196,7 +203,7 @@ def adapter_dir(name: str) -> Path:
     Raises:
         CNAError: unknown pair, or its adapter is not in the package.
     """
-    path = _DATA / _pair(name).name
+    path = _DATA / get_pair(name).name
     if not (path / _ADAPTER_FILE).is_file():
         raise CNAError(
             f"the adapter of pair {name!r} is missing from {path}; train it with "
@@ -284,8 +291,10 @@ def _teacher_answers(
     try:
         batch = 16
         for i in tqdm(range(0, len(prompts), batch), desc="teacher answers", disable=not progress):
-            texts = [_chat_text(tokenizer, p) for p in prompts[i : i + batch]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            ids = [
+                encode_for(tokenizer, p, chat=_is_chat(tokenizer)) for p in prompts[i : i + batch]
+            ]
+            enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
             with torch.no_grad():
                 gen = hf_model.generate(
                     **enc,
@@ -332,22 +341,14 @@ def training_examples(
     return examples, counts
 
 
-def _chat_text(tokenizer: Any, prompt: str) -> str:
-    """The prompt as the evaluation feeds it (see :func:`cna_lens.loading.format_prompt`)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return prompt
-    text: str = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-    )
-    return text
+def _is_chat(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def _encode_example(tokenizer: Any, ex: Example) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 on the prompt) of one conversation."""
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    prompt_ids = list(
-        tokenizer(_chat_text(tokenizer, ex.prompt), add_special_tokens=not chat)["input_ids"]
-    )
+    """Token ids and labels (-100 on the prompt) of one conversation; the prompt is encoded
+    as the evaluation feeds it (:func:`cna_lens.loading.encode_for`)."""
+    prompt_ids = encode_for(tokenizer, ex.prompt, chat=_is_chat(tokenizer))
     answer_ids = list(tokenizer(ex.answer, add_special_tokens=False)["input_ids"])
     if ex.complete and tokenizer.eos_token_id is not None:
         answer_ids.append(tokenizer.eos_token_id)
@@ -436,14 +437,14 @@ def train_adapter(
     try:
         model, tokenizer = _load_hf(base)
         model.eval()
-        examples, counts = training_examples(model, tokenizer, cfg, progress=progress)
         present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
         missing = [t for t in cfg.target_modules if t not in present]
-        if missing:
+        if missing:  # before the minutes of teacher answers
             raise CNAError(
                 f"the model has no {missing} layers to adapt; its linear layers include "
                 f"{sorted(n for n in present if n.endswith('proj'))}"
             )
+        examples, counts = training_examples(model, tokenizer, cfg, progress=progress)
         torch.manual_seed(cfg.seed)
         lora = LoraConfig(
             r=cfg.rank,
@@ -559,7 +560,7 @@ def pair_paths(name: str) -> tuple[Path, Path]:
     """
     from cna_lens import zoo
 
-    pair = _pair(name)
+    pair = get_pair(name)
     untuned = zoo.model_path(pair.base, hf=True)
     adapter = adapter_dir(name)
     stamp = _file_sha(adapter / _ADAPTER_FILE)[:10]
@@ -596,7 +597,7 @@ def behaviour(
     import pandas as pd
 
     from cna_lens import prompt_sets
-    from cna_lens.evaluation import evaluation_sets, score_generations
+    from cna_lens.evaluation import evaluation_sets, score_sets, summarize
     from cna_lens.fastgen import FastGenerator
     from cna_lens.loading import load_model
 
@@ -618,24 +619,17 @@ def behaviour(
         model = load_model(path, device="cpu")
         with FastGenerator(model) as gen:
             texts = gen.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        row: dict[str, Any] = {"model": label}
-        start = 0
-        for name, ps in sets.items():
-            scored = score_generations(
-                ps,
-                texts[start : start + len(ps)],
-                prompt_set=name,
-                method="none",
-                strength=1.0,
-                capability=capability if name == "capability" else None,
-            )
-            start += len(ps)
-            if name == "capability":
-                row["capability"] = float(scored["correct"].astype(float).mean())
-            else:
-                row[f"refusal_{name}"] = float(scored["refused"].mean())
-            if name == "benign":
-                row["quality_benign"] = float(scored["quality"].mean())
+        rates = summarize(
+            score_sets(sets, texts, method="none", strength=1.0, capability=capability)
+        ).set_index("prompt_set")
+        row = {
+            "model": label,
+            "refusal_harmful": float(rates.at["harmful", "refusal_rate"]),
+            "refusal_benign": float(rates.at["benign", "refusal_rate"]),
+            "quality_benign": float(rates.at["benign", "quality"]),
+            "refusal_borderline": float(rates.at["borderline", "refusal_rate"]),
+            "capability": float(rates.at["capability", "accuracy"]),
+        }
         rows.append(row)
         del model
     return pd.DataFrame(rows)
@@ -649,7 +643,7 @@ def _cmd_pair(args: argparse.Namespace) -> int:
         if args.adapter is None:
             untuned, tuned = pair_paths(args.name)
         else:
-            untuned = zoo.model_path(_pair(args.name).base, hf=True)
+            untuned = zoo.model_path(get_pair(args.name).base, hf=True)
             tuned = Path(args.adapter).with_name(Path(args.adapter).name + "-merged")
             merge_adapter(untuned, args.adapter, tuned)
         table = behaviour(
@@ -670,7 +664,7 @@ def _cmd_pair(args: argparse.Namespace) -> int:
         return 0
     from cna_lens import zoo
 
-    pair = _pair(args.name)
+    pair = get_pair(args.name)
     cfg = pair.train
     if args.max_steps is not None:
         cfg = TrainConfig.from_dict(cfg.to_dict() | {"max_steps": args.max_steps})

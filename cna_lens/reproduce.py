@@ -180,14 +180,11 @@ class ReproduceConfig:
         if self.caa_layers is not None:
             object.__setattr__(self, "caa_layers", tuple(int(x) for x in self.caa_layers))
         if self.pair is not None:
-            from cna_lens.pairs import list_pairs
+            from cna_lens.pairs import get_pair
 
             if self.model is not None or self.base_model is not None:
                 raise CNAError("pass either pair or model/base_model, not both")
-            if self.pair not in list_pairs():
-                raise CNAError(
-                    f"unknown pair {self.pair!r}; available pairs: {', '.join(list_pairs())}"
-                )
+            get_pair(self.pair)  # unknown names fail here, before any model is loaded
 
     @property
     def on_organism(self) -> bool:
@@ -232,7 +229,7 @@ PAIR: dict[str, Any] = dict(
 (2, 3), CAA at its strongest, 64 capability questions and 24 new tokens, so a full run on
 the 135M pair fits in 20 minutes on 2 CPU cores."""
 
-PAIR_QUICK: dict[str, Any] = dict(multipliers=(0.0, 1.0, 2.0, 3.0))
+PAIR_QUICK: dict[str, Any] = dict(multipliers=PAIR["multipliers"])
 """``--pair --quick``: the quick run with m = 3 as well."""
 
 
@@ -269,8 +266,6 @@ class Discovered:
     universal: Any
     positive_acts: Any
     negative_acts: Any
-    discovery: Any = None
-    """The :class:`cna_lens.Discovery` (statistics for other circuit sizes)."""
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -458,7 +453,7 @@ def discover_stage(model: Any, inputs: Inputs, dcfg: DiscoveryConfig) -> Discove
         return NeuronStats.of(acts), None
 
     found = discover_with(stats, model, inputs.positive, inputs.negative, dcfg)
-    return Discovered(found.circuit, found.universal, kept["positive"], kept["negative"], found)
+    return Discovered(found.circuit, found.universal, kept["positive"], kept["negative"])
 
 
 def caa_stage(model: Any, inputs: Inputs, cfg: ReproduceConfig) -> tuple[Any, tuple[int, ...]]:
@@ -515,7 +510,7 @@ def variants_stage(model: Any, inputs: Inputs, found: Discovered, cfg: Reproduce
     """Stage 4b: the same circuit ablated (m = 0) by the other interventions and signs of
     :data:`VARIANTS`, on the harmful and benign sets; one row per prompt x variant
     (``method`` is ``"cna-INTERVENTION-SIGN"``)."""
-    from cna_lens.evaluation import score_generations
+    from cna_lens.evaluation import score_sets
     from cna_lens.fastgen import Condition, FastGenerator
     from cna_lens.interventions import Steering
 
@@ -529,21 +524,13 @@ def variants_stage(model: Any, inputs: Inputs, found: Discovered, cfg: Reproduce
         texts = gen.generate_many(
             prompts, conditions, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
         )
-    frames = []
-    for (intervention, sign), outs in zip(VARIANTS, texts, strict=True):
-        start = 0
-        for name, ps in sets.items():
-            frames.append(
-                score_generations(
-                    ps,
-                    outs[start : start + len(ps)],
-                    prompt_set=name,
-                    method=f"cna-{intervention}-{sign}",
-                    strength=0.0,
-                )
-            )
-            start += len(ps)
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(
+        [
+            score_sets(sets, outs, method=f"cna-{intervention}-{sign}", strength=0.0)
+            for (intervention, sign), outs in zip(VARIANTS, texts, strict=True)
+        ],
+        ignore_index=True,
+    )
 
 
 def cards_stage(model: Any, inputs: Inputs, found: Discovered, cfg: ReproduceConfig) -> list[Any]:
@@ -691,6 +678,13 @@ def _layers(circuit: Any) -> LayerResult:
     )
 
 
+def _quality_by(summary: pd.DataFrame, method: str) -> dict[str, float]:
+    """Mean output quality on the harmful and benign sets per strength of ``method``."""
+    rows = summary[summary["prompt_set"].isin(["harmful", "benign"])]
+    q = rows[rows["method"] == method].groupby("strength")["quality"].mean()
+    return {_key(k): float(v) for k, v in q.items()}
+
+
 def build_summary(
     cfg: ReproduceConfig,
     inst_results: pd.DataFrame,
@@ -711,11 +705,6 @@ def build_summary(
     amp = max(cfg.multipliers)
     baseline, ablated = _rate(s, "cna", 1.0, "harmful"), _rate(s, "cna", 0.0, "harmful")
     drop = None if not baseline or ablated is None else (baseline - ablated) / baseline
-    pair = s[s["prompt_set"].isin(["harmful", "benign"])]
-
-    def quality_by(method: str) -> dict[str, float]:
-        q = pair[pair["method"] == method].groupby("strength")["quality"].mean()
-        return {_key(k): float(v) for k, v in q.items()}
 
     def by_alpha(prompt_set: str, column: str = "refusal_rate") -> dict[str, float | None]:
         return {_key(a): _rate(s, "caa", a, prompt_set, column) for a in cfg.caa_alphas}
@@ -723,7 +712,7 @@ def build_summary(
     def by_m(prompt_set: str, column: str = "refusal_rate") -> dict[str, float | None]:
         return {_key(m): _rate(s, "cna", m, prompt_set, column) for m in cfg.multipliers}
 
-    cna_quality = quality_by("cna")
+    cna_quality = _quality_by(s, "cna")
     changed, similarity = content_shift(inst_results)
     variant_rates: dict[str, dict[str, float | None]] = {}
     if variants is not None and len(variants):
@@ -766,8 +755,7 @@ def build_summary(
     layers = {"instruct": _layers(inst.circuit)}
     if base is not None and base_results is not None:
         b = summarize(base_results)
-        base_pair = b[b["prompt_set"].isin(["harmful", "benign"]) & (b["method"] == "cna")]
-        base_quality = base_pair.groupby("strength")["quality"].mean()
+        base_quality = _quality_by(b, "cna")
         base_changed, base_similarity = content_shift(base_results)
         base_result = BaseResult(
             refusal_baseline=_rate(b, "cna", 1.0, "harmful"),
@@ -777,8 +765,8 @@ def build_summary(
             circuit_size=len(base.circuit),
             universal_removed=0 if base.universal is None else len(base.universal),
             over_refusal_ablated=_rate(b, "cna", 0.0, "benign"),
-            quality_baseline=float(base_quality[1.0]) if 1.0 in base_quality else None,
-            quality_ablated=float(base_quality[0.0]) if 0.0 in base_quality else None,
+            quality_baseline=base_quality.get("1"),
+            quality_ablated=base_quality.get("0"),
             capability_baseline=_rate(b, "cna", 1.0, "capability", "accuracy"),
             capability_ablated=_rate(b, "cna", 0.0, "capability", "accuracy"),
             refusal_borderline_by_multiplier={
@@ -814,7 +802,7 @@ def build_summary(
         layers=list(caa_layers),
         refusal_by_alpha=by_alpha("harmful"),
         over_refusal_by_alpha=by_alpha("benign"),
-        quality_by_alpha=quality_by("caa"),
+        quality_by_alpha=_quality_by(s, "caa"),
         capability_by_alpha=by_alpha("capability", "accuracy"),
         max_alpha=max(cfg.caa_alphas, key=abs),
     )
