@@ -437,10 +437,15 @@ def test_fuzz_any_json_value(value):
     drop=st.lists(st.sampled_from(["n_layers", "d_mlp", "neurons", "provenance"]), max_size=1),
 )
 def test_fuzz_mutated_valid_circuit(tmp_path_factory, changes, drop):
-    d = (
-        _valid_dict(**changes)
-        if "provenance" not in changes
-        else _valid_dict(**{k: v for k, v in changes.items() if not k.startswith("provenance.")})
+    # A nested change ("provenance.rule", "neuron0.layer") means nothing once its parent
+    # ("provenance", "neurons") is replaced by an arbitrary value: drop it then.
+    replaced = {"provenance.": "provenance", "neuron0.": "neurons"}
+    d = _valid_dict(
+        **{
+            k: v
+            for k, v in changes.items()
+            if not any(k.startswith(p) and parent in changes for p, parent in replaced.items())
+        }
     )
     for key in drop:
         d.pop(key, None)
