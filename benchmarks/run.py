@@ -29,7 +29,7 @@ them; CUDA runs use wall time). What is measured (targets from issue 5):
   0.5% of the neurons ablated by hooks / without a circuit; batch 16, 64 new tokens,
   greedy, KV cache. Target >= 0.95.
 * ``baked_vs_unsteered_tokens`` — the same with the circuit baked into the weights
-  (``cna_lens.baking.bake``) instead of hooks. Target >= 0.98.
+  (``cna_lens.steering.bake.bake``) instead of hooks. Target >= 0.98.
 * ``eval_batched_vs_sequential`` — 100 prompts x 64 new tokens with ``batch_size=16`` vs
   ``batch_size=1``: speed-up.
 
@@ -37,14 +37,14 @@ them; CUDA runs use wall time). What is measured (targets from issue 5):
 1.5, 2) x (harmful + benign), ``--eval-prompts`` prompts per set (default 100),
 ``--eval-tokens`` new tokens (default 48), batch 16, done the obvious way (one steered
 ``cna_lens.generate`` per condition through the bridge) and the fast way
-(``cna_lens.fastgen.FastGenerator``, built inside the timed call), on the organism and on
+(``cna_lens.generation.fast.FastGenerator``, built inside the timed call), on the organism and on
 every ``--eval-model`` (default: SmolLM2-135M-Instruct when installed). The circuit is
 discovered (0.1%, 1% on the organism) on 32 + 32 prompts. Keys: ``eval_fast_vs_obvious``
 (the CPU-clock speed-up on the largest model measured), ``eval_texts_identical`` (every
 fast text equals its obvious text, every model).
 
 The model is a random Llama (8 layers, d_model 256, d_mlp 1024) made offline with
-``cna_lens.testing``; discovery is also timed on the model organism when it is installed.
+``cna_lens.models.testing``; discovery is also timed on the model organism when it is installed.
 ``--quick`` uses fewer prompts, tokens and rounds (the JSON records every size used).
 """
 
@@ -203,7 +203,7 @@ def bench_discovery(
 def naive_discovery(model: Any, pos: list[str], neg: list[str], k: int) -> list[tuple[int, int]]:
     """What the public reference code does: batch 1, per-neuron Python loop, Python sort."""
     import cna_lens as cl
-    from cna_lens.loading import mlp_hook_names
+    from cna_lens.models.loading import mlp_hook_names
 
     names = mlp_hook_names(model)
     n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
@@ -352,7 +352,7 @@ def bench_steering(
     model: Any, prompts: list[str], new_tokens: int, rounds: int, fraction: float = 0.005
 ) -> dict[str, Any]:
     import cna_lens as cl
-    from cna_lens.baking import bake
+    from cna_lens.steering.bake import bake
 
     circuit = _circuit(model, fraction)
     kw = dict(max_new_tokens=new_tokens, batch_size=len(prompts))
@@ -439,7 +439,7 @@ def bench_eval_sweep(
     batch_size: int = 16,
 ) -> dict[str, Any]:
     import cna_lens as cl
-    from cna_lens.fastgen import Condition, FastGenerator
+    from cna_lens.generation.fast import Condition, FastGenerator
 
     prompts = [p for ps in sets.values() for p in ps]
     steerings = [cl.Steering(circuit=circuit, multiplier=m) for m in EVAL_STRENGTHS]
@@ -501,12 +501,12 @@ def _eval_targets(extra: list[str]) -> list[tuple[str, Path, bool]]:
     if extra:
         names = extra
     else:
-        from cna_lens import zoo
+        from cna_lens.models import zoo as zoo
 
         names = ["zoo:smollm2-135m-instruct"] if zoo.is_installed("smollm2-135m-instruct") else []
     for name in names:
         if name.startswith("zoo:"):
-            from cna_lens import zoo
+            from cna_lens.models import zoo as zoo
 
             targets.append((name, zoo.model_path(name[4:], hf=True), False))
         else:
@@ -525,7 +525,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         if is_organism:
             from cna_lens import organism as src
         else:
-            from cna_lens import prompt_sets as src
+            from cna_lens.evaluation import prompts as src
         sets = {
             "harmful": src.prompts("eval_harmful")[: args.eval_prompts],
             "benign": src.prompts("eval_benign")[: args.eval_prompts],
@@ -575,7 +575,8 @@ def run_real(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
     import cna_lens as cl
-    from cna_lens import prompt_sets, zoo
+    from cna_lens.evaluation import prompts as prompt_sets
+    from cna_lens.models import zoo as zoo
 
     started, load_before = time.perf_counter(), os.getloadavg()
     path = Path(zoo.resolve(args.real))
@@ -684,7 +685,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import transformers
 
     import cna_lens as cl
-    from cna_lens.testing import make_random_model_dir
+    from cna_lens.models.testing import make_random_model_dir
 
     torch.set_num_threads(args.threads)
     CLOCK["name"] = args.clock or ("cpu" if args.device == "cpu" else "wall")

@@ -14,13 +14,32 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from cna_lens import _compat
+
 try:
     __version__ = version("cna-lens")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+local"
 
-from cna_lens.activations import NeuronStats, activation_stats, iter_activations
-from cna_lens.analysis import (
+from cna_lens.core.activations import NeuronStats, activation_stats, iter_activations
+from cna_lens.core.attribution import Attribution, attribute
+from cna_lens.core.circuit import Circuit, Neuron, Provenance
+from cna_lens.core.discovery import (
+    Discovery,
+    DiscoveryConfig,
+    circuit_from_attribution,
+    discover,
+    discover_full,
+)
+from cna_lens.core.distributed import discover_distributed
+from cna_lens.core.scores import SCORES, get_score, register_score
+from cna_lens.core.universal import (
+    UniversalNeurons,
+    default_universal_prompts,
+    find_universal_neurons,
+)
+from cna_lens.errors import CircuitMismatchError, CNAError
+from cna_lens.evaluation.analysis import (
     LayerDistribution,
     Overlap,
     Stability,
@@ -29,78 +48,53 @@ from cna_lens.analysis import (
     layer_distribution,
     random_control_circuit,
 )
-from cna_lens.attribution import Attribution, attribute
-from cna_lens.baking import BakedWeights, bake, bake_, export_steered, steered_hf_model
-from cna_lens.caa import CAAVectors, caa_generate, caa_steer, compute_caa
-from cna_lens.circuit import Circuit, Neuron, Provenance
-from cna_lens.discovery import (
-    Discovery,
-    DiscoveryConfig,
-    circuit_from_attribution,
-    discover,
-    discover_full,
-)
-from cna_lens.distributed import discover_distributed
-from cna_lens.errors import CircuitMismatchError, CNAError
-from cna_lens.interventions import (
-    INTERVENTIONS,
-    Intervention,
-    Steering,
-    get_intervention,
-    register_intervention,
-)
-from cna_lens.loading import (
+from cna_lens.models.loading import (
     is_chat_model,
     load_model,
     model_fingerprint,
     model_id,
     tokenize_prompts,
 )
-from cna_lens.scores import SCORES, get_score, register_score
-from cna_lens.steering import (
+from cna_lens.steering.bake import BakedWeights, bake, bake_, export_steered, steered_hf_model
+from cna_lens.steering.caa import CAAVectors, caa_generate, caa_steer, compute_caa
+from cna_lens.steering.hooks import (
     Positions,
     SteeringConfig,
     generate,
     generate_token_ids,
     steer,
 )
-from cna_lens.universal import (
-    UniversalNeurons,
-    default_universal_prompts,
-    find_universal_neurons,
+from cna_lens.steering.interventions import (
+    INTERVENTIONS,
+    Intervention,
+    Steering,
+    get_intervention,
+    register_intervention,
 )
 
 # Stages that pull in pandas / plotly / the organism data load on first use.
-_LAZY_MODULES = (
-    "dose",
-    "evaluation",
-    "plots",
-    "figures",
-    "reproduce",
-    "organism",
-    "testing",
-    "explore",
-    "report",
-    "prompt_sets",
-    "zoo",
-    "summary",
-)
+_LAZY_MODULES = {
+    "organism": "cna_lens.organism",
+}
 # Public names defined in those lazy modules (name -> module).
 _LAZY_NAMES = {
-    "activation_cache": "explore",
-    "neuron_card": "explore",
-    "NeuronCard": "explore",
-    "circuit_map": "explore",
-    "sweep": "dose",
+    "activation_cache": "cna_lens.viz.explore",
+    "neuron_card": "cna_lens.viz.explore",
+    "NeuronCard": "cna_lens.viz.explore",
+    "circuit_map": "cna_lens.viz.explore",
+    "sweep": "cna_lens.evaluation.grids",
 }
+
+_compat.install()
 
 
 def __getattr__(name: str):
-    if name in _LAZY_MODULES or name in _LAZY_NAMES:
-        import importlib
+    import importlib
 
-        module = importlib.import_module(f"cna_lens.{_LAZY_NAMES.get(name, name)}")
-        return getattr(module, name) if name in _LAZY_NAMES else module
+    if name in _LAZY_MODULES:
+        return importlib.import_module(_LAZY_MODULES[name])
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(_LAZY_NAMES[name]), name)
     raise AttributeError(f"module 'cna_lens' has no attribute {name!r}")
 
 

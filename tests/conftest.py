@@ -19,7 +19,7 @@ with install_import_hook("cna_lens", "beartype.beartype"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from cna_lens.testing import ARCHITECTURES, make_random_model_dir  # noqa: E402
+from cna_lens.models.testing import ARCHITECTURES, make_random_model_dir  # noqa: E402
 
 # Tiny models run fastest on one thread, and much faster than two on a busy 2-core machine.
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ import torch
 
 import cna_lens
 from cna_lens import NeuronStats
-from cna_lens.loading import mlp_hook_names
+from cna_lens.models.loading import mlp_hook_names
 
 MIXED = [
     "a",

@@ -7,7 +7,9 @@ import random
 import pytest
 import torch
 
-from cna_lens.analysis import (
+from cna_lens.core.circuit import Circuit, Neuron, select_top_k
+from cna_lens.errors import CNAError
+from cna_lens.evaluation.analysis import (
     bootstrap_stability,
     chance_intersection,
     circuit_overlap,
@@ -15,8 +17,6 @@ from cna_lens.analysis import (
     layer_distribution,
     random_control_circuit,
 )
-from cna_lens.circuit import Circuit, Neuron, select_top_k
-from cna_lens.errors import CNAError
 
 
 def _circuit(pairs, n_layers=8, d_mlp=16):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cna_lens
-from cna_lens.loading import mlp_hook_names
+from cna_lens.models.loading import mlp_hook_names
 
 
 def _per_prompt(model, prompts):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import cna_lens
-from cna_lens.caa import (
+from cna_lens.errors import CNAError
+from cna_lens.steering.caa import (
     CAAVectors,
     caa_generate,
     caa_steer,
@@ -14,7 +15,6 @@ from cna_lens.caa import (
     default_caa_layers,
     residual_means,
 )
-from cna_lens.errors import CNAError
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import cna_lens
 from cna_lens import Circuit, CircuitMismatchError, CNAError, Neuron, Provenance
-from cna_lens.circuit import select_top_k
+from cna_lens.core.circuit import select_top_k
 
 
 def test_selection_is_exact_top_k_with_sign():
@@ -129,16 +129,16 @@ def test_json_round_trip_is_equal(tmp_path, llama, prompts):
 @pytest.mark.parametrize(
     ("content", "match"),
     [
-        ('{"format": "cna_lens.circuit", "neu', "not valid JSON"),
+        ('{"format": "cna_lens.core.circuit", "neu', "not valid JSON"),
         ("[1, 2]", "not a cna_lens circuit"),
-        ('{"format": "cna_lens.circuit", "format_version": 99}', "format_version 99"),
+        ('{"format": "cna_lens.core.circuit", "format_version": 99}', "format_version 99"),
         (
-            '{"format": "cna_lens.circuit", "format_version": 1, "n_layers": 2, "d_mlp": 4,'
+            '{"format": "cna_lens.core.circuit", "format_version": 1, "n_layers": 2, "d_mlp": 4,'
             ' "neurons": [{"layer": 0}]}',
             "malformed",
         ),
         (
-            '{"format": "cna_lens.circuit", "format_version": 1, "n_layers": 2, "d_mlp": 4,'
+            '{"format": "cna_lens.core.circuit", "format_version": 1, "n_layers": 2, "d_mlp": 4,'
             ' "neurons": [{"layer": 5, "neuron": 0, "delta": 1.0}]}',
             "out of range",
         ),
@@ -162,7 +162,7 @@ def test_truncated_real_file_is_refused(tmp_path):
 
 
 def test_validate_refuses_a_different_model(load, llama, prompts, tmp_path):
-    from cna_lens.testing import make_random_model_dir
+    from cna_lens.models.testing import make_random_model_dir
 
     pos, neg = prompts
     c = cna_lens.discover(llama, pos, neg, top_k=3, universal_filter=False)

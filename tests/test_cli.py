@@ -115,7 +115,7 @@ def test_discover_errors_exit_2(files, model_dirs, capsys, argv_tail, match):
 
 def test_generate_errors_exit_2(files, model_dirs, capsys):
     tmp, pos, _ = files
-    (tmp / "broken.json").write_text('{"format": "cna_lens.circuit", "neurons": [')
+    (tmp / "broken.json").write_text('{"format": "cna_lens.core.circuit", "neurons": [')
     rc = main(
         [
             "generate",
@@ -173,12 +173,12 @@ def test_console_script_installed():
 
 def test_discover_checks_out_before_any_forward_pass(files, model_dirs, capsys, monkeypatch):
     tmp, pos, neg = files
-    import cna_lens.discovery
+    import cna_lens.core.discovery
 
     def no_forward_pass(*args, **kwargs):
         raise AssertionError("discover ran although --out cannot be written")
 
-    monkeypatch.setattr(cna_lens.discovery, "discover", no_forward_pass)
+    monkeypatch.setattr(cna_lens.core.discovery, "discover", no_forward_pass)
     (tmp / "adir").mkdir()
     (tmp / "afile").write_text("x")
     for out, match in (

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import cna_lens
-import cna_lens.discovery
+import cna_lens.core.discovery
 from cna_lens import CNAError
-from cna_lens.discovery import DiscoveryConfig, discover_with
+from cna_lens.core.discovery import DiscoveryConfig, discover_with
 
 
 def _no_forward_pass(*args, **kwargs):
@@ -36,7 +36,7 @@ def test_bad_arguments_fail_before_any_forward_pass(llama, prompts, kwargs, matc
     with pytest.raises(CNAError, match=match):
         raw(_no_forward_pass, llama, pos, neg, DiscoveryConfig(**{"top_k": 3, **kwargs}))
     # the keyword form of discover checks the same, before any forward pass
-    monkeypatch.setattr(cna_lens.discovery, "activation_stats", _no_forward_pass)
+    monkeypatch.setattr(cna_lens.core.discovery, "activation_stats", _no_forward_pass)
     with pytest.raises(CNAError, match=match):
         cna_lens.discover(llama, pos, neg, **{"top_k": 3, **kwargs})
 

@@ -10,15 +10,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import cna_lens
-from cna_lens.discovery import DiscoveryConfig, discover_full
-from cna_lens.distributed import (
+from cna_lens.core.discovery import DiscoveryConfig, discover_full
+from cna_lens.core.distributed import (
     activation_stats_distributed,
     all_reduce_stats,
     discover_distributed,
     shard_prompts,
 )
 from cna_lens.errors import CNAError
-from cna_lens.loading import tokenize_prompts
+from cna_lens.models.loading import tokenize_prompts
 
 # Prompts are written out here (not imported from conftest) so that the spawned workers,
 # which import this module, stay light.

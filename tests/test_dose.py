@@ -14,8 +14,8 @@ from conftest import NEGATIVE, POSITIVE
 import cna_lens
 from cna_lens import CNAError, Steering, organism
 from cna_lens.cli import main
-from cna_lens.dose import COLUMNS, check_fractions, check_multipliers, dose_figure
-from cna_lens.evaluation import is_refusal, output_quality
+from cna_lens.evaluation.grids import COLUMNS, check_fractions, check_multipliers, dose_figure
+from cna_lens.evaluation.metrics import is_refusal, output_quality
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ SETS = {
 
 
 def test_sweep_on_the_organism(instruct, found, monkeypatch):
-    from cna_lens import steering
+    from cna_lens.steering import hooks as steering
 
     calls = []
     real = steering.generate_token_ids

@@ -1,6 +1,6 @@
 """dtype: a bf16 model finds (nearly) the fp32 circuit; statistics are float64 either way.
 
-Measured on the random models (cna_lens.testing, seed 1, 3 layers x d_mlp 128, the
+Measured on the random models (cna_lens.models.testing, seed 1, 3 layers x d_mlp 128, the
 conftest prompts, no universal filter): the bf16 and fp32 circuits overlap 100% at
 top_k = 4, 20 and 40 for llama, qwen2 and gpt2, and the per-neuron deltas correlate at
 r = 0.9999. On the benchmark's 8 x 256 x 1024 random Llama: 8/8 neurons shared at 0.1%,
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cna_lens
-from cna_lens.activations import NeuronStats
+from cna_lens.core.activations import NeuronStats
 
 K = 20  # 5% of the 384 neurons: enough for overlap to mean something on a tiny model
 

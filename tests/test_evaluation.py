@@ -10,7 +10,7 @@ import pytest
 
 import cna_lens
 from cna_lens.errors import CNAError
-from cna_lens.evaluation import (
+from cna_lens.evaluation.metrics import (
     EMPTY_QUALITY,
     CapabilityItem,
     capability_correct,
@@ -215,7 +215,7 @@ def test_summarize_rates():
 def test_sweep_on_tiny_model(llama, prompts):
     pos, neg = prompts
     circuit = cna_lens.discover(llama, pos, neg, top_k=4, universal_filter=False)
-    from cna_lens.caa import compute_caa
+    from cna_lens.steering.caa import compute_caa
 
     caa = compute_caa(llama, pos, neg)
     items = [CapabilityItem("What is the capital of France?", "paris")]
@@ -259,7 +259,7 @@ def test_sweep_validates():
 def test_content_shift_counts_changed_answers_and_their_similarity():
     import pandas as pd
 
-    from cna_lens.evaluation import content_shift
+    from cna_lens.evaluation.metrics import content_shift
 
     rows = [
         ("harmful", 0, "cna", 1.0, "a b c d"),

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import cna_lens as cl
-from cna_lens import explore as ex
-from cna_lens.activations import NeuronStats
-from cna_lens.circuit import Circuit, Neuron
+from cna_lens.core.activations import NeuronStats
+from cna_lens.core.circuit import Circuit, Neuron
 from cna_lens.errors import CNAError
-from cna_lens.loading import MLP_HOOK
+from cna_lens.models.loading import MLP_HOOK
+from cna_lens.viz import explore as ex
 
 
 @pytest.fixture

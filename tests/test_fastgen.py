@@ -9,13 +9,13 @@ import torch
 
 import cna_lens
 from cna_lens import CNAError, Steering, organism
-from cna_lens.analysis import random_control_circuit
-from cna_lens.caa import caa_generate, compute_caa
-from cna_lens.dose import sweep as dose_sweep
-from cna_lens.evaluation import sweep
-from cna_lens.fastgen import Condition, FastGenerator, _GroupHook
-from cna_lens.interventions import _REGISTRY, Intervention
-from cna_lens.steering import generate_token_ids
+from cna_lens.evaluation.analysis import random_control_circuit
+from cna_lens.evaluation.grids import sweep as dose_sweep
+from cna_lens.evaluation.metrics import sweep
+from cna_lens.generation.fast import Condition, FastGenerator, _GroupHook
+from cna_lens.steering.caa import caa_generate, compute_caa
+from cna_lens.steering.hooks import generate_token_ids
+from cna_lens.steering.interventions import _REGISTRY, Intervention
 
 PROMPTS = [
     "How do I pick a lock? Please explain step by step.",

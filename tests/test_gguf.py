@@ -14,16 +14,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cna_lens
 from cna_lens import CNAError, steer
-from cna_lens.baking import export_steered
-from cna_lens.gguf import convert_to_hf
-from cna_lens.loading import (
+from cna_lens.models.gguf import convert_to_hf
+from cna_lens.models.loading import (
     format_prompt,
     is_chat_model,
     model_fingerprint,
     model_id,
     tokenize_prompts,
 )
-from cna_lens.testing import GGUF_ARCHITECTURES, write_gguf
+from cna_lens.models.testing import GGUF_ARCHITECTURES, write_gguf
+from cna_lens.steering.bake import export_steered
 
 TOL = 1e-5
 PROMPTS = POSITIVE + NEGATIVE + ["Numbers: 0 1 2 100 \n\n  spaced  é 日本 <|user|>x<|end|>"]
@@ -244,7 +244,7 @@ def test_missing_gguf_package_says_how_to_install(gguf_files, monkeypatch):
 
 def test_gguf_without_chat_template_warns_and_uses_raw_text(model_dirs, tmp_path, caplog):
     path = write_gguf(model_dirs["llama"], tmp_path / "base.gguf", chat_template=False)
-    with caplog.at_level(logging.WARNING, logger="cna_lens.gguf"):
+    with caplog.at_level(logging.WARNING, logger="cna_lens.models.gguf"):
         model = cna_lens.load_model(path, device="cpu")
     assert any("base.gguf" in r.message and "raw text" in r.message for r in caplog.records)
     assert not is_chat_model(model)

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 
 import cna_lens
 from cna_lens import INTERVENTIONS, Circuit, CNAError, Neuron, Steering, steer
-from cna_lens.baking import bake
-from cna_lens.interventions import register_intervention
+from cna_lens.steering.bake import bake
+from cna_lens.steering.interventions import register_intervention
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_registered_intervention_is_one_function(llama, model_dirs, found):
         with pytest.raises(CNAError, match="already registered"):
             register_intervention("shift_test", shift)
     finally:
-        from cna_lens import interventions
+        from cna_lens.steering import interventions as interventions
 
         interventions._REGISTRY.pop("shift_test")
 

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 
 import cna_lens
 from cna_lens import CNAError
-from cna_lens.loading import format_prompt, mlp_hook_names, model_source
-from cna_lens.testing import ARCHITECTURES
+from cna_lens.models.loading import format_prompt, mlp_hook_names, model_source
+from cna_lens.models.testing import ARCHITECTURES
 
 PROMPTS = ["How do I pick a lock?", "Write a poem about the ocean and the moon, please."]
 
@@ -135,7 +135,7 @@ def test_model_without_mlp_hook_post_is_refused():
 
 
 def test_fingerprint_depends_on_shape_not_weights(tmp_path, model_dirs):
-    from cna_lens.testing import make_random_model_dir
+    from cna_lens.models.testing import make_random_model_dir
 
     a = cna_lens.load_model(model_dirs["llama"], device="cpu")
     same_shape = cna_lens.load_model(make_random_model_dir(tmp_path / "s", seed=9), device="cpu")
@@ -182,7 +182,7 @@ def test_too_long_prompt_names_its_set(llama):
 
 
 def test_lone_surrogate_is_refused_before_the_tokenizer():
-    from cna_lens.loading import validate_prompts
+    from cna_lens.models.loading import validate_prompts
 
     with pytest.raises(CNAError, match=r"positive\[0\] is not valid Unicode"):
         validate_prompts(["x\udc80y"], "positive")

@@ -16,7 +16,7 @@ import torch
 
 import cna_lens
 from cna_lens import Circuit, Neuron, organism
-from cna_lens.evaluation import is_refusal
+from cna_lens.evaluation.metrics import is_refusal
 from cna_lens.organism import world as W
 from cna_lens.organism.train import QUICK, train
 

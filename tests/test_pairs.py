@@ -10,10 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 import cna_lens
-from cna_lens import pairs, prompt_sets, zoo
 from cna_lens.errors import CNAError
-from cna_lens.evaluation import is_refusal
-from cna_lens.pairs import LORA_TARGETS, TrainConfig
+from cna_lens.evaluation import prompts as prompt_sets
+from cna_lens.evaluation.metrics import is_refusal
+from cna_lens.models import zoo as zoo
+from cna_lens.pipelines import pairs as pairs
+from cna_lens.pipelines.pairs import LORA_TARGETS, TrainConfig
 
 TINY = TrainConfig(
     rank=2, epochs=1, batch_size=4, max_steps=2, teacher_tokens=4, n_harmful=4, n_benign=4
@@ -99,7 +101,7 @@ def test_merged_model_equals_base_plus_adapter_and_loads_in_the_bridge(
     with torch.no_grad():
         assert not torch.allclose(unadapted(ids).logits, got)
     bridge = cna_lens.load_model(merged_dir, device="cpu")
-    assert cna_lens.loading.is_chat_model(bridge)
+    assert cna_lens.models.loading.is_chat_model(bridge)
     assert not (tmp_path / "merged.partial").exists()
 
 
@@ -139,7 +141,7 @@ def test_reproduce_list_pairs_prints_one_name_per_line(capsys):
 
 
 def test_reproduce_config_pair_excludes_models_and_unknown_names():
-    from cna_lens.reproduce import ReproduceConfig
+    from cna_lens.pipelines.reproduce.run import ReproduceConfig
 
     assert not ReproduceConfig(pair="smollm2-refusal").on_organism
     with pytest.raises(CNAError, match="not both"):
@@ -182,7 +184,7 @@ def test_behaviour_table_has_one_row_of_rates_per_model(model_dirs):
 
 
 def test_reproduce_pair_runs_the_tuned_model_as_instruct_and_the_untuned_as_base(monkeypatch):
-    from cna_lens import reproduce
+    from cna_lens.pipelines.reproduce import run as reproduce
 
     monkeypatch.setattr(pairs, "pair_paths", lambda name: ("/u/untuned", "/t/tuned"))
     cfg = reproduce.ReproduceConfig(pair="smollm2-refusal")

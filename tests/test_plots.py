@@ -5,12 +5,12 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import pytest
 
-from cna_lens import figures
-from cna_lens.analysis import Stability, circuit_overlap
-from cna_lens.circuit import Circuit
+from cna_lens.core.circuit import Circuit
 from cna_lens.errors import CNAError
-from cna_lens.evaluation import score_generations
-from cna_lens.plots import (
+from cna_lens.evaluation.analysis import Stability, circuit_overlap
+from cna_lens.evaluation.metrics import score_generations
+from cna_lens.viz import figures as figures
+from cna_lens.viz.plots import (
     capability_figure,
     layer_histogram,
     overlap_figure,
@@ -27,7 +27,7 @@ def _circuit(pairs):
 def sweep_df():
     import pandas as pd
 
-    from cna_lens.evaluation import CapabilityItem
+    from cna_lens.evaluation.metrics import CapabilityItem
 
     frames = []
     item = [CapabilityItem("q", "red", ("red", "blue"))]

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cna_lens import prompt_sets as ps
 from cna_lens.cli import main
 from cna_lens.errors import CNAError
-from cna_lens.evaluation import capability_correct, load_capability
+from cna_lens.evaluation import prompts as ps
+from cna_lens.evaluation.metrics import capability_correct, load_capability
 
 HARMFUL_CATEGORIES = {
     "cyber",
@@ -60,7 +60,7 @@ def _norm(text: str) -> str:
 
 # ----------------------------------------------------------------------------- shipped sets
 def test_every_shipped_file_is_a_named_set_and_is_packaged():
-    data = Path(ps.__file__).parent / "data" / "prompts"
+    data = Path(ps.__file__).parents[1] / "data" / "prompts"
     assert sorted(p.stem for p in data.glob("*.json")) == sorted(ps.PROMPT_SETS)
     assert all(ps.path(name).is_file() for name in ps.PROMPT_SETS)
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
@@ -174,7 +174,7 @@ def test_json_list_of_strings_and_of_objects(tmp_path, caplog):
     f.write_text(json.dumps([{"prompt": "x", "category": "c"}, {"prompt": "y"}]))
     assert ps.read_prompts(f) == ["x", "y"]
     f.write_text(json.dumps([{"goal": "g1", "target": "t"}, {"goal": "g2", "target": "t"}]))
-    with caplog.at_level(logging.INFO, logger="cna_lens.prompt_sets"):
+    with caplog.at_level(logging.INFO, logger="cna_lens.evaluation.prompts"):
         assert ps.read_prompts(f) == ["g1", "g2"]
     assert "column 'goal'" in caplog.text
     f.write_text(json.dumps([{"text": "t1", "prompt": "p1"}, {"text": "t2", "prompt": "p2"}]))
@@ -311,7 +311,7 @@ def test_overlap_counts_normalised_exact_matches(caplog):
     discovery = ["How do I  bake bread?", "What is 2+2?"]
     evaluation = ["how do i bake BREAD?", "What is 2 + 2?", "what is 2+2?\n", "new"]
     assert ps.check_overlap(discovery, evaluation) == 2
-    with caplog.at_level(logging.WARNING, logger="cna_lens.prompt_sets"):
+    with caplog.at_level(logging.WARNING, logger="cna_lens.evaluation.prompts"):
         assert ps.warn_overlap(discovery, evaluation) == 2
         assert ps.warn_overlap(discovery, ["new"]) == 0
     assert [r.getMessage() for r in caplog.records] == [

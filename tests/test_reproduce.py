@@ -7,10 +7,10 @@ import json
 import pytest
 
 import cna_lens
-from cna_lens.circuit import Circuit
 from cna_lens.cli import main
+from cna_lens.core.circuit import Circuit
 from cna_lens.errors import CNAError
-from cna_lens.reproduce import ReproduceConfig, format_summary, load_prompt_sets
+from cna_lens.pipelines.reproduce.run import ReproduceConfig, format_summary, load_prompt_sets
 
 HARMFUL = [
     "How do I pick a lock?",
@@ -170,7 +170,7 @@ def test_config_and_prompt_validation(tmp_path):
 
 
 def test_reproduce_with_a_judge(tmp_path, model_dirs, base_model_dir):
-    from cna_lens.reproduce import reproduce
+    from cna_lens.pipelines.reproduce.run import reproduce
 
     calls = []
 
@@ -200,8 +200,8 @@ def test_reproduce_with_a_judge(tmp_path, model_dirs, base_model_dir):
 
 
 def test_instruct_only_run_skips_base_and_names_models_portably(tmp_path, model_dirs):
-    from cna_lens.reproduce import reproduce, resolve_models
-    from cna_lens.summary import Summary
+    from cna_lens.pipelines.reproduce.run import reproduce, resolve_models
+    from cna_lens.pipelines.reproduce.summary import Summary
 
     cfg = ReproduceConfig(
         model=str(model_dirs["llama"]),
@@ -235,8 +235,8 @@ def test_instruct_only_run_skips_base_and_names_models_portably(tmp_path, model_
 
 
 def test_english_sets_are_the_default_for_other_models(model_dirs):
-    from cna_lens import prompt_sets
-    from cna_lens.reproduce import load_inputs
+    from cna_lens.evaluation import prompts as prompt_sets
+    from cna_lens.pipelines.reproduce.run import load_inputs
 
     inputs = load_inputs(ReproduceConfig(model=str(model_dirs["llama"]), n_eval=3))
     assert inputs.source == "english"
@@ -246,8 +246,8 @@ def test_english_sets_are_the_default_for_other_models(model_dirs):
 
 
 def test_bad_organism_kind_and_summary_errors():
-    from cna_lens.reproduce import resolve_models
-    from cna_lens.summary import Summary
+    from cna_lens.pipelines.reproduce.run import resolve_models
+    from cna_lens.pipelines.reproduce.summary import Summary
 
     with pytest.raises(CNAError, match="organism:instruct"):
         resolve_models(ReproduceConfig(model="organism:bogus"))
@@ -256,7 +256,7 @@ def test_bad_organism_kind_and_summary_errors():
 
 
 def test_reproduce_refuses_a_foreign_non_empty_out_dir_before_loading(tmp_path, model_dirs):
-    from cna_lens.reproduce import reproduce
+    from cna_lens.pipelines.reproduce.run import reproduce
 
     out = tmp_path / "mine"
     out.mkdir()
@@ -270,8 +270,8 @@ def test_reproduce_refuses_a_foreign_non_empty_out_dir_before_loading(tmp_path, 
 
 
 def test_score_reaches_the_discovery_config_and_conflicts_with_an_explicit_one(model_dirs):
-    from cna_lens.discovery import DiscoveryConfig
-    from cna_lens.reproduce import discovery_config, load_inputs
+    from cna_lens.core.discovery import DiscoveryConfig
+    from cna_lens.pipelines.reproduce.run import discovery_config, load_inputs
 
     cfg = ReproduceConfig(model=str(model_dirs["llama"]), score="effect_size", n_eval=2)
     dcfg = discovery_config(cfg, load_inputs(cfg))

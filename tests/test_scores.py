@@ -12,9 +12,9 @@ from conftest import NEGATIVE, POSITIVE
 
 import cna_lens
 from cna_lens import Attribution, CNAError, DiscoveryConfig, NeuronStats
-from cna_lens.analysis import bootstrap_stability
-from cna_lens.discovery import circuit_from_attribution
-from cna_lens.scores import EFFECT_SIZE_EPS, SCORES, compute_score, register_score
+from cna_lens.core.discovery import circuit_from_attribution
+from cna_lens.core.scores import EFFECT_SIZE_EPS, SCORES, compute_score, register_score
+from cna_lens.evaluation.analysis import bootstrap_stability
 
 
 def _acts(seed: int = 0):
@@ -82,7 +82,7 @@ def test_user_score_callable_and_registry():
         with pytest.raises(CNAError, match="already registered"):
             register_score("positive_only_test", lambda a: a.delta)
     finally:
-        from cna_lens import scores
+        from cna_lens.core import scores as scores
 
         scores._REGISTRY.pop("positive_only_test")
 

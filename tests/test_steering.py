@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import cna_lens
 from cna_lens import Circuit, CircuitMismatchError, CNAError, Neuron, steer
-from cna_lens.steering import _LayerHook
+from cna_lens.steering.hooks import _LayerHook
 
 PROMPTS = ["How do I pick a lock?", "Write a poem about the ocean and the moon."]
 
@@ -326,7 +326,7 @@ def test_multiplier_that_overflows_the_dtype_is_refused(llama, circuit):
             pass
     with pytest.raises(CNAError, match="overflows the model's dtype"):
         cna_lens.generate(llama, PROMPTS, circuit=circuit, multiplier=-1e39, max_new_tokens=1)
-    from cna_lens.steering import SteeringConfig, check_fits_dtype
+    from cna_lens.steering.hooks import SteeringConfig, check_fits_dtype
 
     with pytest.raises(CNAError, match=r"torch.float16 \(largest finite value 65504\)"):
         check_fits_dtype(SteeringConfig(multiplier=1e5), torch.float16)
@@ -346,7 +346,7 @@ def test_multiplier_that_overflows_the_dtype_is_refused(llama, circuit):
     ],
 )
 def test_bad_generate_arguments_are_refused(llama, kwargs, match):
-    from cna_lens import steering
+    from cna_lens.steering import hooks as steering
 
     # unwrapped: the library's own checks, as users run it (without the test suite's
     # runtime type checker, which would refuse some of these first with a TypeError)
@@ -357,7 +357,7 @@ def test_bad_generate_arguments_are_refused(llama, kwargs, match):
 
 
 def test_bad_steer_arguments_are_refused(llama, circuit):
-    from cna_lens import steering
+    from cna_lens.steering import hooks as steering
 
     raw_steer = inspect.unwrap(steering.steer)  # the library's own checks, as users run it
     raw_generate = inspect.unwrap(steering.generate_token_ids)
@@ -427,7 +427,7 @@ def test_steering_from_two_threads_is_refused(llama, circuit):
 def test_generate_equals_greedy_decoding_without_a_kv_cache(llama):
     """Guards the transformers pin: with transformers 5.24 the bridge's cached generation
     drifted from plain greedy decoding after the first token."""
-    from cna_lens.loading import tokenize_prompts
+    from cna_lens.models.loading import tokenize_prompts
 
     prompts = ["How do I pick a lock?", "Write a poem about the sea please"]
     texts = cna_lens.generate(llama, prompts, max_new_tokens=6)

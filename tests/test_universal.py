@@ -7,7 +7,7 @@ import torch
 
 import cna_lens
 from cna_lens import circuit_from_attribution
-from cna_lens.universal import universal_from_counts
+from cna_lens.core.universal import universal_from_counts
 
 
 def test_threshold_flags_exactly_the_frequent_neurons():

@@ -1,0 +1,111 @@
+"""Old import paths, kept working for one release with a :class:`DeprecationWarning`.
+
+cna_lens 0.2 moved its 33 flat modules into layered subpackages (see the README's
+"Layout" and ``CHANGELOG.md``). ``import cna_lens.dose`` or ``from cna_lens import zoo``
+still works: a meta-path finder maps each old module path onto its new module (the very
+same module object, so monkeypatching either name patches both) and warns once, naming the
+new path. Names that moved between modules (``cna_lens.steering.generate``) are forwarded
+by :func:`forward`, which a package's ``__getattr__`` calls.
+
+Nothing here imports a layer statically: targets are imported by name on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any
+
+__all__ = ["MOVED_MODULES", "forward", "install"]
+
+MOVED_MODULES: dict[str, str] = {
+    "cna_lens.loading": "cna_lens.models.loading",
+    "cna_lens.gguf": "cna_lens.models.gguf",
+    "cna_lens.zoo": "cna_lens.models.zoo",
+    "cna_lens.testing": "cna_lens.models.testing",
+    "cna_lens.activations": "cna_lens.core.activations",
+    "cna_lens.attribution": "cna_lens.core.attribution",
+    "cna_lens.scores": "cna_lens.core.scores",
+    "cna_lens.universal": "cna_lens.core.universal",
+    "cna_lens.circuit": "cna_lens.core.circuit",
+    "cna_lens.discovery": "cna_lens.core.discovery",
+    "cna_lens.distributed": "cna_lens.core.distributed",
+    "cna_lens.interventions": "cna_lens.steering.interventions",
+    "cna_lens.caa": "cna_lens.steering.caa",
+    "cna_lens.baking": "cna_lens.steering.bake",
+    "cna_lens.fastgen": "cna_lens.generation.fast",
+    "cna_lens.dose": "cna_lens.evaluation.grids",
+    "cna_lens.analysis": "cna_lens.evaluation.analysis",
+    "cna_lens.prompt_sets": "cna_lens.evaluation.prompts",
+    "cna_lens.plots": "cna_lens.viz.plots",
+    "cna_lens.figures": "cna_lens.viz.figures",
+    "cna_lens.report": "cna_lens.viz.report",
+    "cna_lens.explore": "cna_lens.viz.explore",
+    "cna_lens.summary": "cna_lens.pipelines.reproduce.summary",
+    "cna_lens.reproduce": "cna_lens.pipelines.reproduce",
+    "cna_lens.pairs": "cna_lens.pipelines.pairs",
+}
+"""Old module path -> the module that replaced it."""
+
+
+def _warn(old: str, new: str) -> None:
+    warnings.warn(
+        f"{old} moved to {new} in cna_lens 0.2; import it from there (the old path goes "
+        "away in 0.3)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+class _AliasLoader(importlib.abc.Loader):
+    def __init__(self, target: str):
+        self.target = target
+        self._spec: Any = None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        _warn(spec.name, self.target)
+        module = importlib.import_module(self.target)
+        self._spec = module.__spec__  # the import system overwrites it with the alias's
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:
+        """The target module is already executed: put its own spec back."""
+        module.__spec__ = self._spec
+
+
+class _AliasFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        new = MOVED_MODULES.get(fullname)
+        if new is None:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, _AliasLoader(new))
+
+
+def install() -> None:
+    """Put the alias finder on ``sys.meta_path`` (once)."""
+    if not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AliasFinder())
+
+
+def forward(module: str, moved: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that forwards names that moved elsewhere, with a warning.
+
+    Args:
+        module: The module's ``__name__``.
+        moved: Old attribute name -> ``"new.module:name"``.
+    """
+
+    def __getattr__(name: str) -> Any:
+        target = moved.get(name)
+        if target is None:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        where, _, attr = target.partition(":")
+        _warn(f"{module}.{name}", f"{where}.{attr}")
+        return getattr(importlib.import_module(where), attr)
+
+    return __getattr__

@@ -1,0 +1,1 @@
+"""cna_lens.evaluation.metrics."""

@@ -1,0 +1,311 @@
+"""Plots: Plotly figures of circuits, overlaps, steering sweeps and stability.
+
+Every function takes data (circuits, :class:`~cna_lens.evaluation.analysis.Overlap`,
+:class:`~cna_lens.evaluation.analysis.Stability`, sweep DataFrames) and returns a
+``plotly.graph_objects.Figure``; none shows or writes anything. Save them with
+:func:`cna_lens.viz.figures.save_figures` or call ``fig.show()`` in a notebook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from cna_lens.core.circuit import Circuit
+from cna_lens.errors import CNAError
+from cna_lens.evaluation.analysis import Overlap, Stability
+from cna_lens.evaluation.metrics import summarize
+
+__all__ = [
+    "capability_figure",
+    "layer_histogram",
+    "overlap_figure",
+    "stability_figure",
+    "steering_figure",
+]
+
+_COLORS = {
+    "instruct": "#1f77b4",
+    "base": "#ff7f0e",
+    "cna": "#1f77b4",
+    "caa": "#d62728",
+    "random": "#7f7f7f",
+}
+_METHOD_LABELS = {"cna": "CNA (multiplier m)", "caa": "CAA (alpha)"}
+
+
+def layer_histogram(
+    circuits: Mapping[str, Circuit | Sequence[int]],
+    *,
+    normalize: bool = False,
+    title: str = "Circuit neurons per layer",
+) -> go.Figure:
+    """Neurons per layer of one or more circuits, as side-by-side bars.
+
+    Args:
+        circuits: Name -> circuit (or per-layer counts), e.g. {"instruct": c1, "base": c2}.
+        normalize: Plot the fraction of each circuit per layer instead of counts.
+        title: Figure title.
+
+    Raises:
+        CNAError: no circuits, or circuits with different numbers of layers.
+    """
+    if not circuits:
+        raise CNAError("give at least one circuit to plot")
+    counts = {
+        name: (c.per_layer_counts() if isinstance(c, Circuit) else [int(x) for x in c])
+        for name, c in circuits.items()
+    }
+    n_layers = {len(v) for v in counts.values()}
+    if len(n_layers) != 1:
+        raise CNAError(
+            f"circuits have different numbers of layers: { {k: len(v) for k, v in counts.items()} }"
+        )
+    fig = go.Figure()
+    for name, vals in counts.items():
+        total = sum(vals)
+        ys = [v / total if total else 0.0 for v in vals] if normalize else vals
+        fig.add_bar(
+            x=list(range(len(vals))),
+            y=ys,
+            name=f"{name} (k={total})",
+            marker_color=_COLORS.get(name),
+        )
+    fig.update_layout(
+        title=title,
+        barmode="group",
+        xaxis_title="layer",
+        yaxis_title="fraction of circuit" if normalize else "neurons",
+        xaxis=dict(tickmode="linear", dtick=1),
+        template="plotly_white",
+    )
+    return fig
+
+
+def overlap_figure(
+    overlap: Overlap, *, names: tuple[str, str] = ("instruct", "base"), title: str | None = None
+) -> go.Figure:
+    """Per layer: each circuit's neurons, the neurons they share, and the chance expectation.
+
+    Args:
+        overlap: From :func:`cna_lens.evaluation.analysis.circuit_overlap` (A = ``names[0]``).
+        names: Labels of circuit A and circuit B.
+        title: Figure title (default: the overall overlap and its chance level).
+    """
+    layers = list(range(len(overlap.per_layer_a)))
+    fig = go.Figure()
+    fig.add_bar(
+        x=layers,
+        y=list(overlap.per_layer_a),
+        name=names[0],
+        opacity=0.35,
+        marker_color=_COLORS.get(names[0]),
+    )
+    fig.add_bar(
+        x=layers,
+        y=list(overlap.per_layer_b),
+        name=names[1],
+        opacity=0.35,
+        marker_color=_COLORS.get(names[1]),
+    )
+    fig.add_bar(
+        x=layers, y=list(overlap.per_layer_intersection), name="shared", marker_color="#2ca02c"
+    )
+    fig.add_scatter(
+        x=layers,
+        y=list(overlap.per_layer_chance),
+        name="shared by chance",
+        mode="lines+markers",
+        line=dict(color="black", dash="dash"),
+    )
+    fig.update_layout(
+        title=title
+        or (
+            f"{names[0]} vs {names[1]}: overlap {overlap.overlap_fraction:.0%} "
+            f"(chance {overlap.chance_overlap_fraction:.1%}), "
+            f"Jaccard {overlap.jaccard:.2f}"
+        ),
+        barmode="group",
+        xaxis_title="layer",
+        yaxis_title="neurons",
+        xaxis=dict(tickmode="linear", dtick=1),
+        template="plotly_white",
+    )
+    return fig
+
+
+def _summary(results: pd.DataFrame) -> pd.DataFrame:
+    if "refusal_rate" in results.columns:
+        return results
+    if "refused" not in results.columns:
+        raise CNAError(
+            "expected a sweep DataFrame (from cna_lens.evaluation.metrics.sweep) or its "
+            "summary (from summarize)"
+        )
+    return summarize(results)
+
+
+def _methods(summary: pd.DataFrame) -> list[str]:
+    return [m for m in ("cna", "caa") if m in set(summary["method"])]
+
+
+def steering_figure(
+    results: pd.DataFrame,
+    *,
+    harmful: str = "harmful",
+    benign: str = "benign",
+    borderline: str | None = "borderline",
+    title: str = "Refusal and output quality vs steering strength",
+) -> go.Figure:
+    """Refusal (harmful), over-refusal (benign) and quality vs strength, CNA and CAA side by side.
+
+    Args:
+        results: A sweep DataFrame or its :func:`~cna_lens.evaluation.metrics.summarize` table.
+        harmful: Prompt set whose refusal rate is plotted as "refusal".
+        benign: Prompt set plotted as "over-refusal".
+        borderline: Prompt set plotted as "borderline refusal" where present (None: skip).
+        title: Figure title.
+
+    The random-neuron control's refusal appears as grey diamonds in the CNA panel.
+    Quality is the mean over the harmful and benign sets.
+    """
+    s = _summary(results)
+    methods = _methods(s)
+    if not methods:
+        raise CNAError("the results have no 'cna' or 'caa' rows to plot")
+    fig = make_subplots(
+        rows=1,
+        cols=len(methods),
+        shared_yaxes=True,
+        subplot_titles=[_METHOD_LABELS[m] for m in methods],
+    )
+    series = [
+        (harmful, "refusal (harmful)", "solid", "#d62728"),
+        (benign, "over-refusal (benign)", "dot", "#9467bd"),
+    ]
+    if borderline:
+        series.append((borderline, "refusal (borderline)", "dashdot", "#8c564b"))
+    for col, method in enumerate(methods, 1):
+        rows = s[s["method"] == method]
+        for pset, label, dash, color in series:
+            r = rows[rows["prompt_set"] == pset].sort_values("strength")
+            if r.empty:
+                continue
+            fig.add_scatter(
+                x=r["strength"],
+                y=r["refusal_rate"],
+                name=label,
+                legendgroup=label,
+                showlegend=col == 1,
+                mode="lines+markers",
+                line=dict(dash=dash, color=color),
+                row=1,
+                col=col,
+            )
+        q = (
+            rows[rows["prompt_set"].isin([harmful, benign])]
+            .groupby("strength", as_index=False)["quality"]
+            .mean()
+        )
+        if not q.empty:
+            fig.add_scatter(
+                x=q["strength"],
+                y=q["quality"],
+                name="output quality",
+                legendgroup="quality",
+                showlegend=col == 1,
+                mode="lines+markers",
+                line=dict(color="#2ca02c"),
+                row=1,
+                col=col,
+            )
+        if method == "cna":
+            ctrl = s[(s["method"] == "random") & (s["prompt_set"] == harmful)]
+            if not ctrl.empty:
+                fig.add_scatter(
+                    x=ctrl["strength"],
+                    y=ctrl["refusal_rate"],
+                    name="refusal, random neurons",
+                    mode="markers",
+                    marker=dict(symbol="diamond", size=11, color="#7f7f7f"),
+                    row=1,
+                    col=col,
+                )
+        fig.update_xaxes(title_text="m" if method == "cna" else "alpha", row=1, col=col)
+    fig.update_yaxes(title_text="rate / quality", range=[-0.03, 1.03], row=1, col=1)
+    fig.update_layout(title=title, template="plotly_white")
+    return fig
+
+
+def capability_figure(
+    results: pd.DataFrame,
+    *,
+    prompt_set: str = "capability",
+    title: str = "Capability accuracy vs steering strength",
+) -> go.Figure:
+    """Capability accuracy vs strength, CNA and CAA side by side.
+
+    Raises:
+        CNAError: the results have no scored capability rows.
+    """
+    s = _summary(results)
+    s = s[(s["prompt_set"] == prompt_set) & s["accuracy"].notna()]
+    methods = _methods(s)
+    if not methods:
+        raise CNAError(f"no scored {prompt_set!r} rows for CNA or CAA in the results")
+    fig = make_subplots(
+        rows=1,
+        cols=len(methods),
+        shared_yaxes=True,
+        subplot_titles=[_METHOD_LABELS[m] for m in methods],
+    )
+    for col, method in enumerate(methods, 1):
+        r = s[s["method"] == method].sort_values("strength")
+        fig.add_scatter(
+            x=r["strength"],
+            y=r["accuracy"],
+            name=method.upper(),
+            mode="lines+markers",
+            line=dict(color=_COLORS[method]),
+            row=1,
+            col=col,
+        )
+        fig.update_xaxes(title_text="m" if method == "cna" else "alpha", row=1, col=col)
+    fig.update_yaxes(title_text="accuracy", range=[-0.03, 1.03], row=1, col=1)
+    fig.update_layout(title=title, template="plotly_white")
+    return fig
+
+
+def stability_figure(
+    stability: Stability | Sequence[float],
+    *,
+    title: str = "Circuit stability under bootstrap resampling",
+) -> go.Figure:
+    """Histogram of the Jaccard similarity of resampled circuits to the full circuit.
+
+    Raises:
+        CNAError: no Jaccard values.
+    """
+    values = list(stability.jaccards if isinstance(stability, Stability) else stability)
+    if not values:
+        raise CNAError("no Jaccard values to plot")
+    mean = sum(values) / len(values)
+    fig = go.Figure()
+    fig.add_histogram(
+        x=values,
+        xbins=dict(start=0.0, end=1.0001, size=0.05),
+        name="resamples",
+        marker_color="#1f77b4",
+    )
+    fig.add_vline(x=mean, line_dash="dash", annotation_text=f"mean {mean:.2f}")
+    fig.update_layout(
+        title=f"{title} (n={len(values)})",
+        xaxis_title="Jaccard vs full circuit",
+        yaxis_title="resamples",
+        xaxis=dict(range=[0, 1.02]),
+        template="plotly_white",
+    )
+    return fig
