@@ -40,7 +40,7 @@ MOVED_MODULES: dict[str, str] = {
     "cna_lens.baking": "cna_lens.steering.bake",
     "cna_lens.fastgen": "cna_lens.generation.fast",
     "cna_lens.dose": "cna_lens.evaluation.grids",
-    "cna_lens.analysis": "cna_lens.evaluation.analysis",
+    "cna_lens.analysis": "cna_lens.core.analysis",
     "cna_lens.prompt_sets": "cna_lens.evaluation.prompts",
     "cna_lens.plots": "cna_lens.viz.plots",
     "cna_lens.figures": "cna_lens.viz.figures",
@@ -109,3 +109,63 @@ def forward(module: str, moved: Mapping[str, str]) -> Callable[[str], Any]:
         return getattr(importlib.import_module(where), attr)
 
     return __getattr__
+
+
+class SteeringConfig:
+    """Deprecated (cna_lens 0.1): multipliers and positions without a circuit.
+
+    Use :class:`cna_lens.Steering`, which holds the circuit, intervention and sign too. Kept
+    so old code that builds one keeps running; nothing in cna_lens takes it any more.
+    """
+
+    def __init__(
+        self,
+        *,
+        multiplier: Any = 0.0,
+        negative_multiplier: Any = None,
+        positions: str = "all",
+    ):
+        from cna_lens.steering.interventions import check_strength
+
+        warnings.warn(
+            "SteeringConfig is deprecated: use cna_lens.Steering", DeprecationWarning, stacklevel=2
+        )
+        self.multiplier, self.negative_multiplier = check_strength(
+            multiplier, negative_multiplier, positions
+        )
+        self.positions = positions
+
+    @property
+    def is_identity(self) -> bool:
+        neg = self.multiplier if self.negative_multiplier is None else self.negative_multiplier
+        return self.multiplier == 1.0 and neg == 1.0
+
+
+def caa_generate(
+    model: Any,
+    prompts: Any,
+    caa: Any,
+    alpha: float,
+    *,
+    layers: Any = None,
+    **generate_kwargs: Any,
+) -> list[str]:
+    """Deprecated (cna_lens 0.1): ``generate(model, prompts, steering=CAA(caa, alpha, layers))``.
+
+    Raises:
+        CNAError: as :func:`cna_lens.generate`, or ``circuit=`` passed (CAA only).
+    """
+    from cna_lens.errors import CNAError
+    from cna_lens.generation import generate
+    from cna_lens.steering.caa import CAA
+
+    warnings.warn(
+        "caa_generate is deprecated: use cna_lens.generate(model, prompts, "
+        "steering=cna_lens.CAA(vectors, alpha, layers))",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    if "circuit" in generate_kwargs:
+        raise CNAError("caa_generate steers with CAA only; do not pass circuit=")
+    condition = CAA(caa, alpha, None if layers is None else tuple(layers))
+    return generate(model, prompts, steering=condition, **generate_kwargs)

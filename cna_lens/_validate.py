@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
 from cna_lens.errors import CNAError
 
-__all__ = ["Integral", "Real", "check_int", "check_real"]
+__all__ = [
+    "Integral",
+    "Real",
+    "check_bool",
+    "check_choice",
+    "check_int",
+    "check_numbers",
+    "check_real",
+]
 
 Real: TypeAlias = float | numbers.Real
 """Annotation of a real-number argument: a float, or any numbers.Real such as np.float32
@@ -91,3 +100,59 @@ def check_real(
     if high is not None and (result >= high if high_open else result > high):
         raise CNAError(f"{what}, got {result!r}")
     return result
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    """``value`` if it is one of ``choices``.
+
+    Raises:
+        CNAError: otherwise (the message lists the choices).
+    """
+    valid = list(choices)
+    if not isinstance(value, str) or value not in valid:
+        raise CNAError(f"{name} must be one of {valid}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False``.
+
+    Raises:
+        CNAError: otherwise.
+    """
+    if not isinstance(value, bool):
+        raise CNAError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_numbers(
+    name: str,
+    values: Any,
+    *,
+    rule: str = "finite numbers",
+    ok: Callable[[float], bool] | None = None,
+    ordered: bool = False,
+    empty: bool = True,
+) -> tuple[float, ...]:
+    """A list of real numbers as floats: each finite (and ``ok``), optionally non-empty,
+    distinct and ascending (``ordered``).
+
+    Raises:
+        CNAError: a value that is not a finite real number or breaks ``rule``, an empty
+            list (unless ``empty``), or duplicates / a wrong order (with ``ordered``); the
+            message repeats the list.
+    """
+    if isinstance(values, (str, bytes)):
+        raise CNAError(f"{name} must be a list of {rule}, got {values!r}")
+    vals = tuple(values)
+    if not vals and not empty:
+        raise CNAError(f"{name} is empty; give at least one value ({rule})")
+    for v in vals:
+        good = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(float(v))
+        if not good or (ok is not None and not ok(float(v))):
+            raise CNAError(f"{name} must be {rule}; got {v!r} in {list(vals)}")
+    if ordered and len(set(vals)) != len(vals):
+        raise CNAError(f"{name} has duplicates: {list(vals)}; give each value once")
+    if ordered and list(vals) != sorted(vals):
+        raise CNAError(f"{name} must be sorted ascending, got {list(vals)}")
+    return tuple(float(v) for v in vals)

@@ -17,7 +17,13 @@ from pathlib import Path
 
 from cna_lens.errors import CNAError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "check_out_dir", "check_writable_file"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "check_out_dir",
+    "check_writable_file",
+    "read_text_file",
+]
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -127,3 +133,48 @@ def _is_cna_output(marker: Path) -> bool:
         return False
     meta = data.get("meta")
     return "package_version" in data or (isinstance(meta, dict) and "package_version" in meta)
+
+
+def read_text_file(path: str | os.PathLike[str], what: str, *, writer: str) -> str:
+    """The text of a JSON file cna_lens wrote: UTF-8, or UTF-16 / UTF-8 with a byte-order mark.
+
+    Args:
+        path: The file.
+        what: What it is, for messages ("circuit file", "steering file").
+        writer: What writes such files ("Circuit.save"), for messages.
+
+    Raises:
+        CNAError: missing, a directory, unreadable, or not valid text in its encoding.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CNAError(f"{what} {str(path)!r} is a directory; give the JSON file")
+    if not path.is_file():
+        raise CNAError(f"{what} {str(path)!r} does not exist")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CNAError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from exc
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        encoding = "utf-16"
+    elif raw.startswith(b"\xef\xbb\xbf"):
+        encoding = "utf-8-sig"
+    else:
+        encoding = "utf-8"
+    expected = (
+        f"{what}s are UTF-8 JSON as written by {writer} (UTF-16 is read only with a "
+        "byte-order mark)"
+    )
+    nul = raw.find(b"\x00")
+    if encoding != "utf-16" and nul >= 0:  # UTF-16 without a BOM, or a binary file
+        raise CNAError(
+            f"{what} {str(path)!r} is not valid UTF-8 text (a NUL byte at offset {nul}); "
+            f"{expected}"
+        )
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise CNAError(
+            f"{what} {str(path)!r} is not valid {encoding.upper()} text (byte "
+            f"{raw[exc.start : exc.start + 1]!r} at offset {exc.start}); {expected}"
+        ) from None

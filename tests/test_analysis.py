@@ -9,7 +9,7 @@ import torch
 
 from cna_lens.core.circuit import Circuit, Neuron, select_top_k
 from cna_lens.errors import CNAError
-from cna_lens.evaluation.analysis import (
+from cna_lens.core.analysis import (
     bootstrap_stability,
     chance_intersection,
     circuit_overlap,

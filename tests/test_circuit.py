@@ -129,16 +129,16 @@ def test_json_round_trip_is_equal(tmp_path, llama, prompts):
 @pytest.mark.parametrize(
     ("content", "match"),
     [
-        ('{"format": "cna_lens.core.circuit", "neu', "not valid JSON"),
+        ('{"format": "cna_lens.circuit", "neu', "not valid JSON"),
         ("[1, 2]", "not a cna_lens circuit"),
-        ('{"format": "cna_lens.core.circuit", "format_version": 99}', "format_version 99"),
+        ('{"format": "cna_lens.circuit", "format_version": 99}', "format_version 99"),
         (
-            '{"format": "cna_lens.core.circuit", "format_version": 1, "n_layers": 2, "d_mlp": 4,'
+            '{"format": "cna_lens.circuit", "format_version": 1, "n_layers": 2, "d_mlp": 4,'
             ' "neurons": [{"layer": 0}]}',
             "malformed",
         ),
         (
-            '{"format": "cna_lens.core.circuit", "format_version": 1, "n_layers": 2, "d_mlp": 4,'
+            '{"format": "cna_lens.circuit", "format_version": 1, "n_layers": 2, "d_mlp": 4,'
             ' "neurons": [{"layer": 5, "neuron": 0, "delta": 1.0}]}',
             "out of range",
         ),

@@ -115,7 +115,7 @@ def test_discover_errors_exit_2(files, model_dirs, capsys, argv_tail, match):
 
 def test_generate_errors_exit_2(files, model_dirs, capsys):
     tmp, pos, _ = files
-    (tmp / "broken.json").write_text('{"format": "cna_lens.core.circuit", "neurons": [')
+    (tmp / "broken.json").write_text('{"format": "cna_lens.circuit", "neurons": [')
     rc = main(
         [
             "generate",

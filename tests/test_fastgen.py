@@ -9,7 +9,7 @@ import torch
 
 import cna_lens
 from cna_lens import CNAError, Steering, organism
-from cna_lens.evaluation.analysis import random_control_circuit
+from cna_lens.core.analysis import random_control_circuit
 from cna_lens.evaluation.grids import sweep as dose_sweep
 from cna_lens.evaluation.metrics import sweep
 from cna_lens.generation.fast import Condition, FastGenerator, _GroupHook

@@ -24,13 +24,15 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from cna_lens._validate import Integral, Real, check_int, check_real
+from cna_lens._version import __version__
 from cna_lens.errors import CircuitMismatchError, CNAError
+from cna_lens.io import atomic_write_text, read_text_file
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Circuit", "Neuron", "Provenance", "check_layers", "resolve_k", "select_top_k"]
 
-FORMAT = "cna_lens.core.circuit"
+FORMAT = "cna_lens.circuit"
 FORMAT_VERSION = 1
 
 UNKNOWN_FINGERPRINT = "unknown"
@@ -40,8 +42,6 @@ _FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 
 def _package_version() -> str:
-    from cna_lens import __version__
-
     return __version__
 
 
@@ -448,8 +448,6 @@ class Circuit:
         Raises:
             CNAError: the path is a directory or cannot be written.
         """
-        from cna_lens.io import atomic_write_text
-
         return atomic_write_text(Path(path), self.to_json())
 
     @classmethod
@@ -463,20 +461,9 @@ class Circuit:
                 truncated, not a circuit, or empty (unless ``allow_empty``).
         """
         path = Path(path)
-        if path.is_dir():
-            raise CNAError(
-                f"circuit file {str(path)!r} is a directory; give the circuit's JSON file"
-            )
-        if not path.is_file():
-            raise CNAError(f"circuit file {str(path)!r} does not exist")
+        text = read_text_file(path, "circuit file", writer="Circuit.save")
         try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise CNAError(
-                f"cannot read circuit file {str(path)!r}: {exc.strerror or exc}"
-            ) from exc
-        try:
-            return cls.from_json(_decode(path, raw), allow_empty=allow_empty)
+            return cls.from_json(text, allow_empty=allow_empty)
         except CNAError as exc:
             raise CNAError(f"{path}: {exc}") from exc
 
@@ -512,33 +499,6 @@ class Circuit:
             neurons.append(Neuron(pair[0], pair[1]))
         circuit = cls(tuple(neurons), n_layers, d_mlp, provenance or Provenance())
         return circuit if model is None else circuit.for_model(model)
-
-
-def _decode(path: Path, raw: bytes) -> str:
-    """The text of a circuit file: UTF-8, or UTF-16/UTF-8 with a byte-order mark."""
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        encoding = "utf-16"
-    elif raw.startswith(b"\xef\xbb\xbf"):
-        encoding = "utf-8-sig"
-    else:
-        encoding = "utf-8"
-    expected = (
-        "circuit files are UTF-8 JSON as written by Circuit.save (UTF-16 is read only "
-        "with a byte-order mark)"
-    )
-    nul = raw.find(b"\x00")
-    if encoding != "utf-16" and nul >= 0:  # UTF-16 without a BOM, or a binary file
-        raise CNAError(
-            f"circuit file {str(path)!r} is not valid UTF-8 text (a NUL byte at "
-            f"offset {nul}); {expected}"
-        )
-    try:
-        return raw.decode(encoding)
-    except UnicodeDecodeError as exc:
-        raise CNAError(
-            f"circuit file {str(path)!r} is not valid {encoding.upper()} text (byte "
-            f"{raw[exc.start : exc.start + 1]!r} at offset {exc.start}); {expected}"
-        ) from None
 
 
 def _neuron_dict(n: Neuron) -> dict[str, Any]:

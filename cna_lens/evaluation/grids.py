@@ -1,14 +1,20 @@
-"""Dose-response sweeps: refusal and quality over circuit size x intervention x sign x multiplier.
+"""Grids: the conditions of the paper's sweep, the dose sweep and the ablation variants.
 
-:func:`sweep` takes one :class:`~cna_lens.Discovery` and selects every circuit size from
-its statistics (:meth:`~cna_lens.Discovery.circuit_at`: no new forward pass), then
-generates every prompt set under every condition (fraction x intervention x sign x
-multiplier) and scores the outputs. Conditions that change nothing (``m = 1``, or a sign
-with no neuron in the circuit) are the unsteered model: it is generated once and reused,
-and so is any condition that steers exactly the same neurons the same way as an earlier
-one (two fractions that round to the same k). The result is a tidy DataFrame, one row per
-condition x prompt set; :func:`dose_figure` plots it, and ``cna-lens sweep`` runs it from
-the command line.
+Each grid is a list of :class:`~cna_lens.evaluation.engine.Arm` run by the one engine
+(:func:`~cna_lens.evaluation.engine.evaluate`):
+
+* :func:`paper_grid` / :func:`paper_sweep` — CNA multipliers, CAA strengths and a
+  random-neuron control (same size and per-layer counts), one row per prompt x method x
+  strength (``cna_lens.evaluation.sweep``);
+* :func:`dose_grid` / :func:`dose_sweep` — circuit size x intervention x sign x
+  multiplier from one :class:`~cna_lens.Discovery` (every size is selected from its
+  statistics, no new forward pass), one row per condition x prompt set (``cna_lens.sweep``);
+* :func:`variants_grid` — the same circuit ablated (m = 0) by the other interventions and
+  signs.
+
+Conditions that change nothing (``m = 1``, CAA ``alpha = 0``, a sign with no neuron) are
+the unsteered model, generated once; so is any condition that repeats an earlier one (two
+fractions that round to the same k).
 
 Example:
     >>> found = cl.discover_full(model, harmful, benign, fraction=0.01)  # doctest: +SKIP
@@ -19,34 +25,73 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, get_args
 
 import pandas as pd
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
-from tqdm.auto import tqdm
 
+from cna_lens import _compat
+from cna_lens._validate import check_choice, check_numbers
+from cna_lens.core.analysis import random_control_circuit
+from cna_lens.core.circuit import Circuit
 from cna_lens.core.discovery import Discovery
 from cna_lens.errors import CNAError
+from cna_lens.evaluation.engine import Arm, evaluate
 from cna_lens.evaluation.metrics import (
     CapabilityItem,
-    capability_correct,
-    evaluation_sets,
+    Judge,
     is_refusal,
-    output_quality,
+    paper_metrics,
+    refusal_metric,
 )
-from cna_lens.steering.interventions import Sign, Steering, get_intervention
+from cna_lens.generation import Decoding
+from cna_lens.generation.api import Backend
+from cna_lens.steering import CAA, CAAVectors, Sign, Steering, get_intervention, is_identity
+from cna_lens.steering.conditions import condition_key
 
-__all__ = ["COLUMNS", "check_fractions", "check_multipliers", "dose_figure", "register", "sweep"]
+__all__ = [
+    "CAA_ALPHAS",
+    "CNA_MULTIPLIERS",
+    "COLUMNS",
+    "PAPER_COLUMNS",
+    "VARIANTS",
+    "check_fractions",
+    "check_multipliers",
+    "dose_grid",
+    "dose_sweep",
+    "paper_grid",
+    "paper_sweep",
+    "sweep",
+    "variants_grid",
+]
 
-logger = logging.getLogger(__name__)
+CNA_MULTIPLIERS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+"""The paper's CNA multiplier sweep: 0 ablates, 1 is the unchanged model, > 1 amplifies."""
+
+CAA_ALPHAS: tuple[float, ...] = (-4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.5, 1.0, 2.0)
+"""The default CAA strengths (units of the mean-difference vector; see :mod:`cna_lens.steering.caa`).
+
+``alpha = -1`` moves a harmful prompt's last-token residual at the steered layer onto the
+benign mean (the counterpart of CNA's ``m = 0``), ``alpha = +1`` doubles the contrast (the
+counterpart of ``m = 2``). The range is finer near 0, where CAA trades refusal against
+coherence, and reaches 4x, far enough to show quality collapse where it happens.
+"""
+
+PAPER_COLUMNS = [
+    "prompt_set",
+    "prompt_index",
+    "prompt",
+    "method",
+    "strength",
+    "output",
+    "refused",
+    "quality",
+    "correct",
+    "judge",
+]
+"""The columns every paper-grid table has (the engine adds ``condition``, ``tokens`` and
+``seconds``)."""
 
 COLUMNS = [
     "fraction",
@@ -64,35 +109,164 @@ COLUMNS = [
     "identity",
     "reused",
 ]
-"""Columns of :func:`sweep`'s table. ``tokens``: new tokens generated for the set (sum);
-``seconds``: wall time of that generation (0 when ``reused``); ``identity``: the condition
-is the unsteered model; ``reused``: outputs of an identical earlier condition were reused;
-``accuracy``: capability accuracy (NaN for other sets)."""
+"""Columns of :func:`dose_sweep`'s table. ``tokens``: new tokens generated for the set
+(sum); ``seconds``: the condition's generation time, shared among the sets by their tokens
+(0 when ``reused``); ``identity``: the condition is the unsteered model; ``reused``: outputs
+of an identical earlier condition were reused; ``accuracy``: capability accuracy (NaN for
+other sets)."""
+
+VARIANTS: tuple[tuple[str, str], ...] = (
+    ("scale", "positive"),
+    ("mean", "both"),
+    ("mean", "positive"),
+)
+"""Ablations (m = 0) beside the paper's ("scale", "both") in :func:`variants_grid`."""
 
 
-def _check_grid(
-    name: str, values: Iterable[Any], ok: Callable[[float], bool], rule: str
-) -> tuple[float, ...]:
-    vals = tuple(values)
-    if not vals:
-        raise CNAError(f"{name} is empty; give at least one value ({rule})")
-    for v in vals:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(float(v)):
-            raise CNAError(f"{name} must be {rule}; got {v!r} in {list(vals)}")
-    if len(set(vals)) != len(vals):
-        raise CNAError(f"{name} has duplicates: {list(vals)}; give each value once")
-    if list(vals) != sorted(vals):
-        raise CNAError(f"{name} must be sorted ascending, got {list(vals)}")
-    return tuple(float(v) for v in vals)
+def _decoding(
+    decoding: Decoding | None, max_new_tokens: int | None, batch_size: int | None
+) -> Decoding:
+    if decoding is not None and (max_new_tokens is not None or batch_size is not None):
+        raise CNAError("pass either decoding=Decoding(...) or max_new_tokens/batch_size")
+    if decoding is not None:
+        return decoding
+    return Decoding(max_new_tokens=max_new_tokens or 64, batch_size=batch_size or 16)
 
 
+# ----------------------------------------------------------------------------- paper grid
+def paper_grid(
+    circuit: Circuit | None = None,
+    caa: CAAVectors | None = None,
+    *,
+    multipliers: Iterable[float] = CNA_MULTIPLIERS,
+    caa_alphas: Iterable[float] = CAA_ALPHAS,
+    caa_layers: Sequence[int] | None = None,
+    random_control: bool = True,
+    control_multipliers: Iterable[float] = (0.0,),
+    seed: int = 0,
+) -> list[Arm]:
+    """The paper's conditions, tagged ``method`` ("cna", "caa", "random") and ``strength``:
+    CNA at each multiplier (with ``circuit``), CAA at each alpha (with ``caa``), and a
+    random-neuron control circuit of the same size and per-layer counts (seeded, see
+    :func:`cna_lens.random_control_circuit`) at ``control_multipliers``.
+
+    Raises:
+        CNAError: a strength that is not a finite number.
+    """
+    arms: list[Arm] = []
+    if circuit is not None:
+        for m in check_numbers("multipliers", multipliers):
+            arms.append(_paper_arm(Steering(circuit=circuit, multiplier=m), "cna", m))
+    if caa is not None:
+        layers = None if caa_layers is None else tuple(caa_layers)
+        for a in check_numbers("caa_alphas", caa_alphas):
+            arms.append(_paper_arm(CAA(caa, a, layers), "caa", a))
+    if circuit is not None and random_control:
+        control = random_control_circuit(circuit, seed=seed)
+        for m in check_numbers("control_multipliers", control_multipliers):
+            arms.append(_paper_arm(Steering(circuit=control, multiplier=m), "random", m))
+    return arms
+
+
+def _paper_arm(condition: Any, method: str, strength: float) -> Arm:
+    return Arm(condition, {"method": method, "strength": float(strength)}, f"{method} {strength:g}")
+
+
+def paper_sweep(
+    model: Any,
+    prompt_sets: Mapping[str, Sequence[str]],
+    *,
+    circuit: Circuit | None = None,
+    caa: CAAVectors | None = None,
+    capability: Sequence[CapabilityItem] | None = None,
+    multipliers: Iterable[float] = CNA_MULTIPLIERS,
+    caa_alphas: Iterable[float] = CAA_ALPHAS,
+    caa_layers: Sequence[int] | None = None,
+    random_control: bool = True,
+    control_multipliers: Iterable[float] = (0.0,),
+    seed: int = 0,
+    classifier: Callable[[str], bool] = is_refusal,
+    judge: Judge | None = None,
+    judge_sets: Sequence[str] = ("harmful",),
+    decoding: Decoding | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int | None = None,
+    backend: str | Backend = "fast",
+    progress: bool = False,
+    texts: Any = None,
+) -> pd.DataFrame:
+    """Generate every prompt set under the paper's conditions (:func:`paper_grid`) and score
+    them (refused, quality, correct, judge).
+
+    Args:
+        model: A bridge from :func:`cna_lens.load_model`.
+        prompt_sets: Set name -> prompts (e.g. {"harmful": [...], "benign": [...]}).
+        circuit, caa, multipliers, caa_alphas, caa_layers, random_control,
+            control_multipliers, seed: The grid (see :func:`paper_grid`).
+        capability: Capability items, scored as the prompt set "capability".
+        classifier: Refusal classifier (any ``str -> bool``).
+        judge: Optional harmfulness judge, applied to the sets in ``judge_sets``.
+        decoding: Generation settings; or ``max_new_tokens`` / ``batch_size`` alone.
+        backend: "fast" (default) or "bridge" (the reference; the same texts).
+        progress: One progress bar for the run.
+        texts: Write every generated text as JSON lines to this path.
+
+    Returns:
+        One row per prompt x method x strength (:data:`PAPER_COLUMNS` and the engine's
+        ``condition``, ``tokens``, ``seconds``); empty without a circuit and CAA vectors.
+
+    Raises:
+        CNAError: no prompts, a "capability" set name clash, or bad strengths.
+    """
+    arms = paper_grid(
+        circuit,
+        caa,
+        multipliers=multipliers,
+        caa_alphas=caa_alphas,
+        caa_layers=caa_layers,
+        random_control=random_control,
+        control_multipliers=control_multipliers,
+        seed=seed,
+    )
+    if not arms:
+        return pd.DataFrame(columns=PAPER_COLUMNS)
+    return evaluate(
+        model,
+        prompt_sets,
+        arms,
+        capability=capability,
+        metrics=paper_metrics(classifier, judge, judge_sets),
+        decoding=_decoding(decoding, max_new_tokens, batch_size),
+        backend=backend,
+        progress=progress,
+        texts=texts,
+    )
+
+
+def variants_grid(circuit: Circuit, variants: Sequence[tuple[str, str]] = VARIANTS) -> list[Arm]:
+    """The circuit ablated (m = 0) by each (intervention, sign) of ``variants``, tagged
+    ``method = "cna-INTERVENTION-SIGN"``, ``strength = 0``."""
+    return [
+        _paper_arm(
+            Steering(circuit=circuit, intervention=iv, sign=sign, multiplier=0.0),
+            f"cna-{iv}-{sign}",
+            0.0,
+        )
+        for iv, sign in variants
+    ]
+
+
+# ----------------------------------------------------------------------------- dose grid
 def check_fractions(values: Iterable[Any]) -> tuple[float, ...]:
     """Circuit-size fractions: non-empty, ascending, distinct, each in (0, 1].
 
     Raises:
         CNAError: otherwise (the message repeats the list).
     """
-    return _check_grid("fractions", values, lambda v: 0.0 < v <= 1.0, "numbers in (0, 1]")
+    return check_numbers(
+        "fractions", values, rule="numbers in (0, 1]", ok=lambda v: 0.0 < v <= 1.0,
+        ordered=True, empty=False,
+    )
 
 
 def check_multipliers(values: Iterable[Any]) -> tuple[float, ...]:
@@ -105,8 +279,9 @@ def check_multipliers(values: Iterable[Any]) -> tuple[float, ...]:
     Raises:
         CNAError: otherwise (the message repeats the list).
     """
-    return _check_grid(
-        "multipliers", values, lambda v: math.isfinite(v) and v >= 0.0, "finite numbers >= 0"
+    return check_numbers(
+        "multipliers", values, rule="finite numbers >= 0", ok=lambda v: v >= 0.0,
+        ordered=True, empty=False,
     )
 
 
@@ -121,12 +296,48 @@ def _check_names(name: str, values: Iterable[str], check: Callable[[str], Any]) 
     return vals
 
 
-def _check_sign(sign: str) -> None:
-    if sign not in get_args(Sign):
-        raise CNAError(f"sign must be one of {list(get_args(Sign))}, got {sign!r}")
+def dose_grid(
+    discovery: Discovery,
+    *,
+    fractions: Iterable[float],
+    multipliers: Iterable[float],
+    interventions: Iterable[str] = ("scale",),
+    signs: Iterable[str] = ("both",),
+) -> list[Arm]:
+    """Every fraction x intervention x sign x multiplier, each circuit selected from the
+    discovery's statistics; tagged with :data:`COLUMNS`' condition columns.
+
+    Raises:
+        CNAError: bad grids (empty, unsorted, duplicates, out of range), unknown
+            intervention or sign, or an intervention the circuit lacks data for.
+    """
+    fracs = check_fractions(fractions)
+    mults = check_multipliers(multipliers)
+    ivs = _check_names("interventions", interventions, get_intervention)
+    sgns = _check_names("signs", signs, lambda s: check_choice("sign", s, get_args(Sign)))
+    circuits = {f: discovery.circuit_at(fraction=f) for f in fracs}
+    arms, seen = [], set()
+    for f in fracs:
+        for iv in ivs:
+            for s in sgns:
+                for m in mults:
+                    steering = Steering(circuit=circuits[f], intervention=iv, multiplier=m, sign=s)
+                    key = condition_key(steering)
+                    tags = {
+                        "fraction": steering.circuit.provenance.fraction,
+                        "k": len(steering.circuit),
+                        "intervention": iv,
+                        "sign": s,
+                        "multiplier": steering.multiplier,
+                        "identity": is_identity(steering),
+                        "reused": key in seen,
+                    }
+                    seen.add(key)
+                    arms.append(Arm(steering, tags))
+    return arms
 
 
-def sweep(
+def dose_sweep(
     model: Any,
     discovery: Discovery,
     prompt_sets: Mapping[str, Sequence[str]],
@@ -137,348 +348,81 @@ def sweep(
     signs: Iterable[str] = ("both",),
     capability: Sequence[CapabilityItem] | None = None,
     classifier: Callable[[str], bool] = is_refusal,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
+    decoding: Decoding | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int | None = None,
+    backend: str | Backend = "fast",
     progress: bool = False,
-    fast: bool = True,
+    texts: Any = None,
 ) -> pd.DataFrame:
-    """Generate and score every prompt set under every dose condition.
+    """Generate and score every prompt set under every dose condition (:func:`dose_grid`).
 
     Args:
         model: The bridge the discovery was made on.
-        discovery: From :func:`cna_lens.discover_full` (statistics, universal neurons and
-            settings); every circuit size is selected from it without a forward pass.
+        discovery: From :func:`cna_lens.discover_full`; every circuit size is selected from
+            it without a forward pass.
         prompt_sets: Set name -> prompts, e.g. ``{"harmful": [...], "benign": [...]}``.
-        fractions: Circuit sizes as fractions of all MLP neurons (ascending, in (0, 1]).
-        multipliers: ``m`` values (ascending, finite, >= 0; 1 is the unsteered model).
-        interventions: Names in :data:`cna_lens.INTERVENTIONS` ("scale", "mean", ...).
-        signs: Which neurons to steer: "both", "positive", "negative".
+        fractions, multipliers, interventions, signs: The grid (see :func:`dose_grid`).
         capability: Capability items, scored as the prompt set "capability" (accuracy).
         classifier: Refusal classifier on the generated text.
-        max_new_tokens: Generation length.
-        batch_size: Prompts per generation batch.
-        progress: Show a progress bar over conditions.
-        fast: Generate with :class:`cna_lens.generation.fast.FastGenerator`: every condition of a
-            prompt set in one pass, the same texts as the obvious path (``fast=False``:
-            one steered generation per condition and set through the bridge); ``seconds``
-            is then the pass's time shared evenly among its conditions.
+        decoding: Generation settings; or ``max_new_tokens`` / ``batch_size`` alone.
+        backend: "fast" (default) or "bridge" (the reference; the same texts).
+        progress: One progress bar for the run.
+        texts: Write every generated text as JSON lines to this path.
 
     Returns:
-        One row per condition x prompt set with the columns :data:`COLUMNS`, in
-        fraction, intervention, sign, multiplier, prompt set order.
+        One row per condition x prompt set with the columns :data:`COLUMNS`, in fraction,
+        intervention, sign, multiplier, prompt set order.
 
     Raises:
-        CNAError: bad grids (empty, unsorted, duplicates, out of range), unknown
-            intervention or sign, an intervention the circuit lacks data for, no prompts,
-            or a prompt set named "capability" next to ``capability``.
+        CNAError: bad grids, unknown intervention or sign, an intervention the circuit
+            lacks data for, no prompts, or a set named "capability" next to ``capability``.
     """
-    from cna_lens.steering.hooks import generate_token_ids
+    arms = dose_grid(
+        discovery,
+        fractions=fractions,
+        multipliers=multipliers,
+        interventions=interventions,
+        signs=signs,
+    )
+    for arm in arms:
+        arm.condition.circuit.validate(model)
+    table = evaluate(
+        model,
+        prompt_sets,
+        arms,
+        capability=capability,
+        metrics={"refused": refusal_metric(classifier), "quality": "quality", "correct": "correct"},
+        decoding=_decoding(decoding, max_new_tokens, batch_size),
+        backend=backend,
+        progress=progress,
+        texts=texts,
+    )
+    return _dose_rows(table)
 
-    fracs = check_fractions(fractions)
-    mults = check_multipliers(multipliers)
-    ivs = _check_names("interventions", interventions, get_intervention)
-    sgns = _check_names("signs", signs, _check_sign)
-    sets = evaluation_sets(prompt_sets, capability)
-    circuits = {f: discovery.circuit_at(fraction=f) for f in fracs}
-    conditions = [
-        Steering(circuit=circuits[f], intervention=iv, multiplier=m, sign=s)
-        for f in fracs
-        for iv in ivs
-        for s in sgns
-        for m in mults
-    ]
-    for c in conditions:
-        c.circuit.validate(model)
-    tok = model.tokenizer
-    cache: dict[tuple[Any, ...], dict[str, tuple[list[str], int, float]]] = {}
 
-    def key(steering: Steering) -> tuple[Any, ...]:
-        if steering.is_identity:
-            return ("identity",)
-        return (steering.intervention, tuple((n.layer, n.neuron, m) for n, m in steering.steered()))
-
-    def run(steering: Steering) -> dict[str, tuple[list[str], int, float]]:
-        out = {}
-        for name, prompts in sets.items():
-            start = time.perf_counter()
-            ids = generate_token_ids(
-                model,
-                prompts,
-                steering=None if steering.is_identity else steering,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-            )
-            seconds = time.perf_counter() - start
-            texts = [tok.decode(t, skip_special_tokens=True).strip() for t in ids]
-            out[name] = (texts, sum(len(t) for t in ids), seconds)
-        return out
-
-    if fast:
-        from cna_lens.generation.fast import Condition, FastGenerator
-
-        unique = {key(c): c for c in conditions}
-        with FastGenerator(model) as gen:
-            by_set = {}
-            for name, prompts in sets.items():
-                start = time.perf_counter()
-                ids = gen.generate_many_token_ids(
-                    prompts,
-                    [Condition(None if c.is_identity else c) for c in unique.values()],
-                    max_new_tokens=max_new_tokens,
-                    batch_size=batch_size,
-                )
-                by_set[name] = (ids, (time.perf_counter() - start) / len(unique))
-        for i, k_ in enumerate(unique):
-            cache[k_] = {
-                name: (
-                    [tok.decode(t, skip_special_tokens=True).strip() for t in ids[i]],
-                    sum(len(t) for t in ids[i]),
-                    seconds,
-                )
-                for name, (ids, seconds) in by_set.items()
-            }
-    seen: set[tuple[Any, ...]] = set()
+def _dose_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per arm x set of the engine's per-prompt table."""
+    keys = ["fraction", "k", "intervention", "sign", "multiplier", "identity", "reused"]
     rows = []
-    bar = tqdm(conditions, desc="dose sweep", unit="condition", disable=not progress, leave=False)
-    try:
-        for steering in bar:
-            k_ = key(steering)
-            reused = k_ in seen
-            seen.add(k_)
-            if k_ not in cache:
-                cache[k_] = run(steering)
-            prov = steering.circuit.provenance
-            for name, (texts, tokens, seconds) in cache[k_].items():
-                correct = (
-                    [capability_correct(o, it) for o, it in zip(texts, capability, strict=True)]
-                    if name == "capability" and capability is not None
-                    else None
-                )
-                rows.append(
-                    {
-                        "fraction": prov.fraction,
-                        "k": len(steering.circuit),
-                        "intervention": steering.intervention,
-                        "sign": steering.sign,
-                        "multiplier": steering.multiplier,
-                        "prompt_set": name,
-                        "n": len(texts),
-                        "refusal_rate": sum(map(bool, map(classifier, texts))) / len(texts),
-                        "quality": sum(map(output_quality, texts)) / len(texts),
-                        "accuracy": sum(correct) / len(correct) if correct else math.nan,
-                        "tokens": tokens,
-                        "seconds": 0.0 if reused else seconds,
-                        "identity": steering.is_identity,
-                        "reused": reused,
-                    }
-                )
-    finally:
-        bar.close()
-    logger.info("dose sweep: %d conditions, %d generated", len(conditions), len(cache))
+    for (*tags, pset), g in table.groupby([*keys, "prompt_set"], sort=False, dropna=False):
+        correct = g["correct"].dropna()
+        rows.append(
+            {
+                **dict(zip(keys, tags, strict=True)),
+                "prompt_set": pset,
+                "n": len(g),
+                "refusal_rate": sum(map(bool, g["refused"])) / len(g),
+                "quality": sum(g["quality"]) / len(g),
+                "accuracy": sum(map(bool, correct)) / len(correct) if len(correct) else math.nan,
+                "tokens": int(g["tokens"].sum()),
+                "seconds": float(g["seconds"].iloc[0]),
+            }
+        )
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-# ----------------------------------------------------------------------------- figures
-_METRICS = {"refusal_rate": "refusal rate", "quality": "output quality"}
+sweep = dose_sweep
+"""``cna_lens.sweep`` (and the old ``cna_lens.dose.sweep``): the dose sweep."""
 
-
-def dose_figure(
-    results: pd.DataFrame,
-    *,
-    x: str = "k",
-    prompt_sets: Sequence[str] | None = None,
-    title: str | None = None,
-) -> go.Figure:
-    """Refusal rate and quality (rows) per prompt set (columns) against ``k`` or ``m``.
-
-    Args:
-        results: The table from :func:`sweep`.
-        x: ``"k"`` (one line per intervention / sign / multiplier) or ``"multiplier"``
-            (one line per intervention / sign / k).
-        prompt_sets: Which sets to show (default: all, in table order).
-        title: Figure title.
-
-    Raises:
-        CNAError: ``x`` is neither "k" nor "multiplier", or a missing column or set.
-    """
-    if x not in ("k", "multiplier"):
-        raise CNAError(f"x must be 'k' or 'multiplier', got {x!r}")
-    missing = [
-        c
-        for c in ("k", "multiplier", "intervention", "sign", "prompt_set", *_METRICS)
-        if c not in results.columns
-    ]
-    if missing:
-        raise CNAError(
-            f"expected a dose sweep table (cna_lens.evaluation.grids.sweep); missing {missing}"
-        )
-    sets = (
-        list(prompt_sets) if prompt_sets is not None else list(dict.fromkeys(results["prompt_set"]))
-    )
-    unknown = [s for s in sets if s not in set(results["prompt_set"])]
-    if unknown or not sets:
-        raise CNAError(
-            f"prompt sets {unknown or sets} not in the table; it has "
-            f"{sorted(set(results['prompt_set']))}"
-        )
-    line_by = ["intervention", "sign", "multiplier" if x == "k" else "k"]
-    fig = make_subplots(
-        rows=len(_METRICS),
-        cols=len(sets),
-        shared_xaxes=True,
-        subplot_titles=[f"{_METRICS[m]}: {s}" for m in _METRICS for s in sets],
-    )
-    colors = [
-        "#1f77b4",
-        "#d62728",
-        "#2ca02c",
-        "#9467bd",
-        "#ff7f0e",
-        "#8c564b",
-        "#e377c2",
-        "#7f7f7f",
-        "#bcbd22",
-        "#17becf",
-    ]
-    groups = list(results.groupby(line_by, sort=True))
-    for i, (labels, frame) in enumerate(groups):
-        iv, sign, other = labels
-        name = f"{iv}, {sign}, {'m' if x == 'k' else 'k'}={other:g}"
-        for row, metric in enumerate(_METRICS, 1):
-            for col, pset in enumerate(sets, 1):
-                r = frame[frame["prompt_set"] == pset].sort_values(x)
-                fig.add_scatter(
-                    x=r[x],
-                    y=r[metric],
-                    name=name,
-                    legendgroup=name,
-                    showlegend=row == 1 and col == 1,
-                    mode="lines+markers",
-                    line=dict(
-                        color=colors[i % len(colors)], dash="solid" if sign == "both" else "dot"
-                    ),
-                    row=row,
-                    col=col,
-                )
-    fig.update_xaxes(title_text="circuit size k" if x == "k" else "multiplier m", row=len(_METRICS))
-    fig.update_yaxes(range=[-0.03, 1.03])
-    fig.update_layout(
-        title=title or f"Dose response vs {'k' if x == 'k' else 'm'}", template="plotly_white"
-    )
-    return fig
-
-
-# ----------------------------------------------------------------------------- CLI
-def _cmd_sweep(args: argparse.Namespace) -> int:
-    from cna_lens.cli import _load, read_prompts
-    from cna_lens.core.discovery import DiscoveryConfig, discover_full
-    from cna_lens.io import atomic_write_text
-    from cna_lens.viz.figures import save_figures
-
-    fractions = check_fractions(args.fractions)
-    check_multipliers(args.multipliers)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():  # before any forward pass
-        raise CNAError(f"--out {str(out)!r} is an existing file; give a directory")
-    positive, negative = read_prompts(args.positive), read_prompts(args.negative)
-    sets = {
-        "harmful": read_prompts(args.prompts_harmful),
-        "benign": read_prompts(args.prompts_benign),
-    }
-    universal = read_prompts(args.universal_prompts) if args.universal_prompts else None
-    config = DiscoveryConfig(
-        fraction=fractions[-1],
-        exclude_layers=tuple(args.exclude_layers),
-        universal_filter=not args.no_universal_filter,
-        universal_prompts=None if universal is None else tuple(universal),
-        score=args.score,
-        batch_size=args.batch_size,
-    )
-    model = _load(args)
-    found = discover_full(model, positive, negative, config, progress=True)
-    table = sweep(
-        model,
-        found,
-        sets,
-        fractions=fractions,
-        multipliers=args.multipliers,
-        interventions=args.intervention,
-        signs=args.sign,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        progress=True,
-        fast=not args.obvious,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "sweep.csv", table.to_csv(index=False))
-    record = {
-        "discovery": config.to_dict(),
-        "circuit": found.circuit.to_dict(),
-        "max_new_tokens": args.max_new_tokens,
-        "rows": json.loads(table.to_json(orient="records")),
-    }
-    atomic_write_text(out / "sweep.json", json.dumps(record, indent=1))
-    saved = save_figures(
-        {"dose_vs_k": dose_figure(table, x="k"), "dose_vs_m": dose_figure(table, x="multiplier")},
-        out,
-        png=False,
-    )
-    show = table[
-        ["k", "intervention", "sign", "multiplier", "prompt_set", "refusal_rate", "quality"]
-    ]
-    # the CLI owns the terminal
-    print(show.to_string(index=False, float_format=lambda v: f"{v:.3f}"))  # noqa: T201
-    print(f"wrote sweep.csv, sweep.json and {len(saved.html)} figures -> {out}")  # noqa: T201
-    return 0
-
-
-def register(sub: Any, handlers: dict[str, Callable[..., int]]) -> None:
-    """Add the ``sweep`` command to the ``cna-lens`` parser."""
-    from cna_lens.cli import _discovery_args, _model_arg, comma_floats, comma_names
-    from cna_lens.steering.interventions import INTERVENTIONS
-
-    p = sub.add_parser(
-        "sweep",
-        help="dose-response sweep: refusal and quality over circuit "
-        "size x multiplier x intervention x sign",
-    )
-    _model_arg(p)
-    p.add_argument("--positive", required=True, help="discovery prompts of the behaviour")
-    p.add_argument("--negative", required=True, help="discovery prompts of its opposite")
-    p.add_argument("--prompts-harmful", required=True, help="evaluation prompts (refusal)")
-    p.add_argument("--prompts-benign", required=True, help="evaluation prompts (over-refusal)")
-    p.add_argument(
-        "--fractions",
-        type=comma_floats,
-        default=[0.0005, 0.001, 0.003, 0.01],
-        help="circuit sizes, ascending (default 0.0005,0.001,0.003,0.01)",
-    )
-    p.add_argument(
-        "--multipliers",
-        type=comma_floats,
-        default=[0.0, 1.0, 2.0],
-        help="multipliers, ascending (default 0,1,2)",
-    )
-    p.add_argument(
-        "--intervention",
-        type=comma_names,
-        default=["scale"],
-        help=f"comma list of {sorted(INTERVENTIONS)} (default scale)",
-    )
-    p.add_argument(
-        "--sign",
-        type=comma_names,
-        default=["both"],
-        help="comma list of both, positive, negative (default both)",
-    )
-    _discovery_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument(
-        "--obvious",
-        action="store_true",
-        help="one steered generation per condition through the bridge (same texts as the "
-        "default fast path, slower)",
-    )
-    p.add_argument("--out", required=True, help="folder for sweep.csv, sweep.json, figures")
-    handlers["sweep"] = _cmd_sweep
+__getattr__ = _compat.forward(__name__, {"dose_figure": "cna_lens.viz.plots:dose_figure"})

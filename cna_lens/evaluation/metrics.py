@@ -15,9 +15,10 @@ make a harmful request look like a refusal), and every one can be swapped:
   StrongREJECT-style judge from any text-completion callable. Nothing here calls a
   network unless you pass something that does.
 
-:func:`sweep` generates every prompt set under CNA multipliers, CAA strengths and a
-random-neuron control, batching each condition through :func:`cna_lens.generate`, and
-returns one DataFrame row per prompt x method x strength with the generation kept.
+Each of them is also a *metric* of the evaluation engine (:func:`cna_lens.evaluate`): a
+:class:`Metric` is a function of one set's :class:`Responses` returning one value per prompt,
+registered by name (:data:`METRICS`, :func:`register_metric`), so a new metric is one
+function.
 """
 
 from __future__ import annotations
@@ -30,48 +31,36 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
-from tqdm.auto import tqdm
 
-from cna_lens._validate import check_int, check_real
-from cna_lens.core.circuit import Circuit
+from cna_lens._registry import Registry
+from cna_lens._validate import check_choice, check_int, check_real
 from cna_lens.errors import CNAError
 
 __all__ = [
-    "CAA_ALPHAS",
-    "CNA_MULTIPLIERS",
     "EMPTY_QUALITY",
+    "METRICS",
     "REFUSAL_PATTERNS",
     "RUBRIC_PROMPT",
     "CapabilityItem",
+    "Metric",
+    "Responses",
     "capability_correct",
+    "get_metric",
     "is_refusal",
+    "judge_metric",
     "judge_scores",
     "load_capability",
     "output_quality",
+    "paper_metrics",
     "refusal_classifier",
+    "refusal_metric",
+    "register_metric",
     "rubric_judge",
     "rubric_score",
-    "score_generations",
-    "score_sets",
-    "summarize",
-    "content_shift",
-    "sweep",
 ]
-
-CNA_MULTIPLIERS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
-"""The paper's CNA multiplier sweep: 0 ablates, 1 is the unchanged model, > 1 amplifies."""
-
-CAA_ALPHAS: tuple[float, ...] = (-4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.5, 1.0, 2.0)
-"""The default CAA strengths (units of the mean-difference vector; see :mod:`cna_lens.steering.caa`).
-
-``alpha = -1`` moves a harmful prompt's last-token residual at the steered layer onto the
-benign mean (the counterpart of CNA's ``m = 0``), ``alpha = +1`` doubles the contrast (the
-counterpart of ``m = 2``). The range is finer near 0, where CAA trades refusal against
-coherence, and reaches 4x, far enough to show quality collapse where it happens.
-"""
 
 # ----------------------------------------------------------------------------- refusal
 REFUSAL_PATTERNS: tuple[str, ...] = (
@@ -392,376 +381,131 @@ def judge_scores(prompts: Sequence[str], responses: Sequence[str], judge: Judge)
     return scores
 
 
-# ----------------------------------------------------------------------------- tables
-COLUMNS = [
-    "prompt_set",
-    "prompt_index",
-    "prompt",
-    "method",
-    "strength",
-    "output",
-    "refused",
-    "quality",
-    "correct",
-    "judge",
-]
+# ----------------------------------------------------------------------------- metrics
+@dataclass(frozen=True)
+class Responses:
+    """What a metric scores: one prompt set's generations under one condition.
 
-
-def score_generations(
-    prompts: Sequence[str],
-    outputs: Sequence[str],
-    *,
-    prompt_set: str,
-    method: str,
-    strength: float,
-    classifier: Callable[[str], bool] = is_refusal,
-    capability: Sequence[CapabilityItem] | None = None,
-    judge: Judge | None = None,
-) -> pd.DataFrame:
-    """One row per prompt: the generation and its refusal, quality, correctness, judge score.
-
-    Args:
-        prompts: The prompts (for the table and the judge; never classified).
+    Attributes:
+        prompt_set: The set's name ("harmful", "benign", "capability", ...).
+        prompts: The prompts (for judges; never classified as refusals themselves).
         outputs: The generated texts, one per prompt.
-        prompt_set: Name of the set (e.g. "harmful", "benign", "capability").
-        method: "cna", "caa", "random" (or any label).
-        strength: The multiplier or alpha.
-        classifier: Refusal classifier on the generated text.
-        capability: Items matching ``prompts`` one to one: fills ``correct``.
-        judge: Harmfulness judge: fills ``judge`` (NaN otherwise).
+        token_ids: The generated token ids, one list per prompt.
+        items: The capability items of the "capability" set (None for other sets).
+    """
+
+    prompt_set: str
+    prompts: list[str]
+    outputs: list[str]
+    token_ids: list[list[int]]
+    items: list[CapabilityItem] | None = None
+
+
+MetricFn = Callable[[Responses], "Sequence[Any] | None"]
+"""``fn(responses) -> one value per prompt``, or None where the metric does not apply to
+the set (the column is then missing values: NA or NaN)."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric of the evaluation engine: its function and the kind of value it gives."""
+
+    fn: MetricFn
+    dtype: Literal["bool", "float"] = "float"
+
+    def __call__(self, responses: Responses) -> list[Any]:
+        """One value per prompt (NA / NaN where the metric does not apply)."""
+        values = self.fn(responses)
+        n = len(responses.outputs)
+        if values is None:
+            return [pd.NA if self.dtype == "bool" else math.nan] * n
+        values = list(values)
+        if len(values) != n:
+            raise CNAError(f"a metric returned {len(values)} values for {n} outputs")
+        return [bool(v) for v in values] if self.dtype == "bool" else [float(v) for v in values]
+
+
+def refusal_metric(classifier: Callable[[str], bool] = is_refusal) -> Metric:
+    """Whether each output is a refusal, by ``classifier`` (default :func:`is_refusal`)."""
+    return Metric(lambda r: [classifier(o) for o in r.outputs], "bool")
+
+
+def judge_metric(judge: Judge | None, sets: Sequence[str] = ("harmful",)) -> Metric:
+    """A harmfulness judge's score on the sets named in ``sets`` (NaN elsewhere, and
+    everywhere when ``judge`` is None)."""
+
+    def fn(r: Responses) -> list[float] | None:
+        if judge is None or r.prompt_set not in sets:
+            return None
+        return judge_scores(r.prompts, r.outputs, judge)
+
+    return Metric(fn, "float")
+
+
+def _correct(r: Responses) -> list[bool] | None:
+    if r.items is None:
+        return None
+    return [capability_correct(o, it) for o, it in zip(r.outputs, r.items, strict=True)]
+
+
+_METRICS: Registry[Metric] = Registry(
+    "metric",
+    "cna_lens.register_metric(name, fn)",
+    [
+        ("refused", refusal_metric()),
+        ("quality", Metric(lambda r: [output_quality(o) for o in r.outputs])),
+        ("correct", Metric(_correct, "bool")),
+    ],
+)
+METRICS = _METRICS.view
+"""The registered metrics by name (read-only view; add with :func:`register_metric`):
+``refused`` (keyword refusal classifier), ``quality`` (1 - repeated 4-grams) and
+``correct`` (capability answers, on the "capability" set)."""
+
+
+def register_metric(
+    name: str,
+    fn: MetricFn,
+    *,
+    dtype: Literal["bool", "float"] = "float",
+    overwrite: bool = False,
+) -> Metric:
+    """Register ``fn(responses) -> values`` as the metric ``name`` (a column of
+    :func:`cna_lens.evaluate`'s table).
+
+    Example:
+        >>> m = register_metric("words_test", lambda r: [len(o.split()) for o in r.outputs])
+        >>> m(Responses("s", ["p"], ["two words"], [[1, 2]]))
+        [2.0]
 
     Raises:
-        CNAError: lengths differ.
+        CNAError: ``fn`` not callable, a bad dtype, or a taken name (unless ``overwrite``).
     """
-    if len(prompts) != len(outputs):
-        raise CNAError(f"{len(prompts)} prompts but {len(outputs)} outputs")
-    if capability is not None and len(capability) != len(prompts):
-        raise CNAError(f"{len(capability)} capability items for {len(prompts)} prompts")
-    correct: list[Any] = (
-        [capability_correct(o, it) for o, it in zip(outputs, capability, strict=True)]
-        if capability is not None
-        else [pd.NA] * len(outputs)
-    )
-    judged = (
-        judge_scores(prompts, outputs, judge) if judge is not None else [math.nan] * len(outputs)
-    )
-    df = pd.DataFrame(
-        {
-            "prompt_set": prompt_set,
-            "prompt_index": range(len(prompts)),
-            "prompt": list(prompts),
-            "method": method,
-            "strength": float(strength),
-            "output": list(outputs),
-            "refused": [bool(classifier(o)) for o in outputs],
-            "quality": [output_quality(o) for o in outputs],
-            "correct": pd.array(correct, dtype="boolean"),
-            "judge": judged,
-        },
-        columns=COLUMNS,
-    )
-    return df
+    if not callable(fn):
+        raise CNAError(f"metric {name!r} must be callable (responses -> values), got {fn!r}")
+    check_choice("dtype", dtype, ("bool", "float"))
+    return _METRICS.add(name, Metric(fn, dtype), overwrite=overwrite)
 
 
-def score_sets(
-    sets: Mapping[str, Sequence[str]],
-    outputs: Sequence[str],
-    *,
-    method: str,
-    strength: float,
-    classifier: Callable[[str], bool] = is_refusal,
-    capability: Sequence[CapabilityItem] | None = None,
-    judge: Judge | None = None,
-    judge_sets: Sequence[str] = (),
-) -> pd.DataFrame:
-    """:func:`score_generations` of one condition's ``outputs``, generated for the prompts
-    of ``sets`` concatenated in order (as :func:`evaluation_sets` builds them): the set
-    ``"capability"`` is scored against ``capability``, the sets in ``judge_sets`` by
-    ``judge``.
+def get_metric(metric: str | Metric) -> Metric:
+    """A metric by name (or ``metric`` itself).
 
     Raises:
-        CNAError: ``outputs`` is not one text per prompt.
+        CNAError: unknown name (the message lists the registered ones).
     """
-    n = sum(len(ps) for ps in sets.values())
-    if len(outputs) != n:
-        raise CNAError(f"got {len(outputs)} outputs for {n} prompts")
-    frames, start = [], 0
-    for name, ps in sets.items():
-        frames.append(
-            score_generations(
-                ps,
-                outputs[start : start + len(ps)],
-                prompt_set=name,
-                method=method,
-                strength=strength,
-                classifier=classifier,
-                capability=capability if name == "capability" else None,
-                judge=judge if name in judge_sets else None,
-            )
-        )
-        start += len(ps)
-    return pd.concat(frames, ignore_index=True)
+    return metric if isinstance(metric, Metric) else _METRICS.lookup(metric)
 
 
-def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean refusal rate, quality, accuracy and judge score per method x strength x prompt set.
-
-    Rates are fractions in [0, 1]; ``accuracy`` and ``judge`` are NaN where not scored.
-    """
-    frame = results.assign(
-        refused=results["refused"].astype(float),
-        correct=results["correct"].astype("Float64").astype(float),  # NA -> NaN
-        judge=results["judge"].astype(float),
-    )
-    grouped = frame.groupby(["method", "strength", "prompt_set"], sort=True)
-    out = grouped.agg(
-        n=("output", "size"),
-        refusal_rate=("refused", "mean"),
-        quality=("quality", "mean"),
-        accuracy=("correct", "mean"),
-        judge=("judge", "mean"),
-    )
-    return out.reset_index()
-
-
-def content_shift(
-    results: pd.DataFrame,
-    *,
-    method: str = "cna",
-    strength: float = 0.0,
-    reference: float = 1.0,
-    prompt_set: str = "harmful",
-) -> tuple[float | None, float | None]:
-    """How much a condition changed the answers, as opposed to whether they refuse.
-
-    Compares each prompt's output under ``(method, strength)`` with its output under
-    ``(method, reference)`` (the unsteered model for CNA).
-
-    Returns:
-        The fraction of prompts whose answer changed at all, and the mean word-level
-        similarity (:class:`difflib.SequenceMatcher` ratio, 1 = identical); ``(None, None)``
-        when either condition has no rows for ``prompt_set``.
-    """
-    from difflib import SequenceMatcher
-
-    rows = results[(results["method"] == method) & (results["prompt_set"] == prompt_set)]
-    steered = rows[rows["strength"] == strength].set_index("prompt_index")["output"]
-    ref = rows[rows["strength"] == reference].set_index("prompt_index")["output"]
-    common = steered.index.intersection(ref.index)
-    if len(common) == 0:
-        return None, None
-    changed = sum(steered[i] != ref[i] for i in common) / len(common)
-    sims = [SequenceMatcher(None, ref[i].split(), steered[i].split()).ratio() for i in common]
-    return float(changed), float(sum(sims) / len(sims))
-
-
-# ----------------------------------------------------------------------------- sweep
-def _check_strengths(name: str, values: Iterable[float]) -> tuple[float, ...]:
-    vals = tuple(values)
-    for v in vals:
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise CNAError(f"{name} must be finite numbers, got {v!r} in {vals}")
-    return tuple(float(v) for v in vals)
-
-
-def evaluation_sets(
-    prompt_sets: Mapping[str, Sequence[str]], capability: Sequence[CapabilityItem] | None = None
-) -> dict[str, list[str]]:
-    """The prompts of a sweep by set name, validated, with the capability questions as the
-    set ``"capability"``.
-
-    Raises:
-        CNAError: a bad prompt, no sets at all, or a set named "capability" beside
-            capability items.
-    """
-    from cna_lens.models.loading import validate_prompts
-
-    sets = {str(k): validate_prompts(v, f"prompt set {k!r}") for k, v in prompt_sets.items()}
-    if capability is not None:
-        if "capability" in sets:
-            raise CNAError("prompt set name 'capability' is reserved for the capability items")
-        sets["capability"] = [it.question for it in capability]
-    if not sets:
-        raise CNAError("no prompt sets to evaluate")
-    return sets
-
-
-def sweep(
-    model: Any,
-    prompt_sets: Mapping[str, Sequence[str]],
-    *,
-    circuit: Circuit | None = None,
-    caa: Any | None = None,
-    capability: Sequence[CapabilityItem] | None = None,
-    multipliers: Iterable[float] = CNA_MULTIPLIERS,
-    caa_alphas: Iterable[float] = CAA_ALPHAS,
-    caa_layers: Sequence[int] | None = None,
-    random_control: bool = True,
-    control_multipliers: Iterable[float] = (0.0,),
-    seed: int = 0,
+def paper_metrics(
     classifier: Callable[[str], bool] = is_refusal,
     judge: Judge | None = None,
     judge_sets: Sequence[str] = ("harmful",),
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    progress: bool = False,
-    on_condition: Callable[[str, float], None] | None = None,
-    fast: bool = True,
-) -> pd.DataFrame:
-    """Generate every prompt set under each steering condition and score the outputs.
-
-    Conditions: CNA with each multiplier (needs ``circuit``), CAA with each alpha (needs
-    ``caa``, a :class:`cna_lens.steering.caa.CAAVectors`), and a random-neuron control circuit of
-    the same size and per-layer counts (seeded, see
-    :func:`cna_lens.evaluation.analysis.random_control_circuit`) at ``control_multipliers``. Each
-    condition is one batched :func:`cna_lens.generate` call over all prompts of all sets
-    (capability questions included). The unsteered model is generated once: CNA ``m = 1``,
-    CAA ``alpha = 0`` and the control at ``m = 1`` install no hook, so they reuse it.
-
-    Args:
-        model: A bridge from :func:`cna_lens.load_model`.
-        prompt_sets: Set name -> prompts (e.g. {"harmful": [...], "benign": [...]}).
-        circuit: The CNA circuit (None: no CNA rows, no control).
-        caa: CAA vectors (None: no CAA rows).
-        capability: Capability items, scored as the prompt set "capability".
-        multipliers: CNA multipliers.
-        caa_alphas: CAA strengths.
-        caa_layers: Layers CAA steers (default: :func:`cna_lens.steering.caa.default_caa_layers`).
-        random_control: Add the random-neuron control.
-        control_multipliers: Multipliers for the control.
-        seed: Seed of the control circuit.
-        classifier: Refusal classifier (any ``str -> bool``).
-        judge: Optional harmfulness judge, applied to the sets in ``judge_sets``.
-        judge_sets: Which prompt sets the judge scores.
-        max_new_tokens: Generation length.
-        batch_size: Prompts per generation batch.
-        progress: Show a progress bar over conditions.
-        on_condition: Called as ``on_condition(method, strength)`` before each condition
-            (with ``fast``, a method's conditions are generated together when its first
-            condition comes).
-        fast: Generate with :class:`cna_lens.generation.fast.FastGenerator` (same texts).
-
-    Returns:
-        One row per prompt x method x strength (columns: prompt_set, prompt_index, prompt,
-        method, strength, output, refused, quality, correct, judge).
-
-    Raises:
-        CNAError: no prompts, a "capability" set name clash, or bad strengths.
-    """
-    from cna_lens.evaluation.analysis import random_control_circuit
-    from cna_lens.steering.caa import caa_generate
-    from cna_lens.steering.hooks import generate
-
-    sets = evaluation_sets(prompt_sets, capability)
-    mults = _check_strengths("multipliers", multipliers) if circuit is not None else ()
-    alphas = _check_strengths("caa_alphas", caa_alphas) if caa is not None else ()
-    controls = (
-        _check_strengths("control_multipliers", control_multipliers)
-        if circuit is not None and random_control
-        else ()
-    )
-    control = (
-        random_control_circuit(circuit, seed=seed) if controls and circuit is not None else None
-    )
-
-    flat = [(name, i, p) for name, ps in sets.items() for i, p in enumerate(ps)]
-    all_prompts = [p for _, _, p in flat]
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
-
-    conditions: list[tuple[str, float]] = (
-        [("cna", m) for m in mults]
-        + [("caa", a) for a in alphas]
-        + [("random", m) for m in controls]
-    )
-    baseline: list[str] | None = None
-    done: dict[tuple[str, float], list[str]] = {}
-    gen = None
-    if fast and conditions:
-        from cna_lens.generation.fast import FastGenerator
-
-        gen = FastGenerator(model)
-
-    def is_identity(method: str, strength: float) -> bool:
-        return strength == 1.0 if method in ("cna", "random") else strength == 0.0
-
-    def run_fast(method: str, strength: float) -> list[str]:
-        """A method's conditions in one pass (and the unsteered model if still missing)."""
-        from cna_lens.generation.fast import Condition
-        from cna_lens.steering.interventions import Steering
-
-        nonlocal baseline
-        identity = is_identity(method, strength)
-        if identity and baseline is not None:
-            return baseline
-        if (method, strength) not in done:
-            todo = [s for m, s in conditions if m == method and not is_identity(m, s)]
-            target = circuit if method == "cna" else control
-            assert method == "caa" or target is not None  # conditions exist only with one
-            conds = [
-                Condition(None, s)
-                if method == "caa" or target is None
-                else Condition(Steering(circuit=target, multiplier=s))
-                for s in todo
-            ]
-            if baseline is None:
-                conds.append(Condition(None))
-            assert gen is not None
-            texts = gen.generate_many(
-                all_prompts, conds, caa=caa, caa_layers=caa_layers, **gen_kwargs
-            )
-            if baseline is None:
-                baseline = texts.pop()
-            done.update(zip(((method, s) for s in todo), texts, strict=True))
-        assert baseline is not None
-        return baseline if identity else done[(method, strength)]
-
-    def run(method: str, strength: float) -> list[str]:
-        nonlocal baseline
-        if gen is not None:
-            return run_fast(method, strength)
-        identity = is_identity(method, strength)
-        n, size = max_new_tokens, batch_size
-        if identity:
-            if baseline is None:
-                baseline = generate(model, all_prompts, max_new_tokens=n, batch_size=size)
-            return baseline
-        if method in ("cna", "random"):
-            return generate(
-                model,
-                all_prompts,
-                circuit=circuit if method == "cna" else control,
-                multiplier=strength,
-                max_new_tokens=n,
-                batch_size=size,
-            )
-        assert caa is not None  # CAA conditions exist only with vectors
-        return caa_generate(
-            model, all_prompts, caa, strength, layers=caa_layers, max_new_tokens=n, batch_size=size
-        )
-
-    frames = []
-    bar = tqdm(conditions, desc="sweep", unit="condition", disable=not progress, leave=False)
-    try:
-        for method, strength in bar:
-            bar.set_postfix_str(f"{method} {strength:g}")
-            if on_condition is not None:
-                on_condition(method, strength)
-            frames.append(
-                score_sets(
-                    sets,
-                    run(method, strength),
-                    method=method,
-                    strength=strength,
-                    classifier=classifier,
-                    capability=capability,
-                    judge=judge,
-                    judge_sets=judge_sets,
-                )
-            )
-    finally:
-        bar.close()
-        if gen is not None:
-            gen.close()
-    if not frames:
-        return pd.DataFrame(columns=COLUMNS)
-    return pd.concat(frames, ignore_index=True)
+) -> dict[str, Metric]:
+    """The columns of the paper's tables: ``refused`` (by ``classifier``), ``quality``,
+    ``correct`` (capability) and ``judge`` (NaN without a judge)."""
+    return {
+        "refused": refusal_metric(classifier),
+        "quality": _METRICS["quality"],
+        "correct": _METRICS["correct"],
+        "judge": judge_metric(judge, judge_sets),
+    }

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from cna_lens.errors import CNAError
+from cna_lens.models.hf import plain_model
 
 __all__ = ["GGUFInfo", "convert_to_hf", "gguf_info", "load_gguf", "resolve_gguf"]
 
@@ -150,25 +151,12 @@ def load_gguf(
             f"transformers could not load {str(info.path)!r} "
             f"(architecture {info.architecture!r}): {exc}"
         ) from exc
-    model = _plain_copy(model, dtype)
+    if getattr(model.config, "quantization_config", None) is not None:
+        model = plain_model(model, share=True)  # without the marker save_pretrained refuses
     model.eval()
     if not info.has_chat_template:
         logger.warning("%s has no chat template: prompts are fed as raw text", info.path.name)
     return model, tokenizer
-
-
-def _plain_copy(model: Any, dtype: torch.dtype) -> Any:
-    """The same weights in a model built from its config, without the GGUF quantisation marker
-    (a model loaded from GGUF refuses ``save_pretrained`` while it carries one)."""
-    from transformers import AutoModelForCausalLM
-
-    config = model.config
-    if getattr(config, "quantization_config", None) is None:
-        return model
-    del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    plain.load_state_dict(model.state_dict())
-    return plain
 
 
 def convert_to_hf(

@@ -37,6 +37,7 @@ __all__ = [
     "model_fingerprint",
     "model_id",
     "model_source",
+    "pad_id",
     "portable_model_id",
     "prompt_set_hash",
     "tokenize_prompts",
@@ -379,7 +380,8 @@ class TokenBatch:
     """Positions of these prompts in the caller's prompt list."""
 
 
-def _pad_id(model: Any) -> int:
+def pad_id(model: Any) -> int:
+    """The token id left padding uses: pad, else EOS, else BOS, else 0."""
     tok = model.tokenizer
     for candidate in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id):
         if candidate is not None:
@@ -430,7 +432,7 @@ def tokenize_prompts(
         order.sort(key=lambda i: len(encoded[i]))
     if device is None:
         device = model.cfg.device
-    pad = _pad_id(model)
+    pad = pad_id(model)
     batches = []
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]

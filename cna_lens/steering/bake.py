@@ -39,7 +39,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import os
@@ -61,14 +60,19 @@ from cna_lens import _model_state
 from cna_lens._validate import Real
 from cna_lens.core.circuit import Circuit
 from cna_lens.errors import CNAError
-from cna_lens.steering.hooks import SteeringConfig, _make_config, as_steering, layer_scales
-from cna_lens.steering.interventions import Steering
+from cna_lens.models.hf import hook_module, module_names, plain_model
+from cna_lens.models.loading import MLP_HOOK, load_model
+from cna_lens.steering.hooks import check_model
+from cna_lens.steering.interventions import (
+    Steering,
+    as_steering,
+    check_fits_dtype,
+    model_dtype,
+)
 
 __all__ = ["BakedWeights", "bake", "bake_", "down_projection", "export_steered", "steered_hf_model"]
 
 logger = logging.getLogger(__name__)
-
-ORIGINAL = "._original_component"
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -91,8 +95,8 @@ def down_projection(model: Any, layer: int) -> tuple[nn.Module, int]:
             not a floating-point matrix with a ``d_mlp`` axis.
     """
     try:
-        module = model.blocks[layer].mlp.out.original_component
-    except (AttributeError, IndexError, KeyError, TypeError) as exc:
+        module, _ = hook_module(model, MLP_HOOK.format(layer=layer))
+    except CNAError as exc:
         raise CNAError(
             f"layer {layer}: cannot find the MLP down projection (blocks.{layer}.mlp.out); "
             "baking needs a model whose hook_post feeds a single linear down projection"
@@ -145,12 +149,10 @@ class BakedWeights:
     """A record of baked columns; :meth:`restore` writes the saved originals back.
 
     Attributes:
-        config: The multipliers that were baked.
-        circuit: The circuit that was baked.
+        steering: What was baked (circuit, multipliers, sign selection).
     """
 
-    config: SteeringConfig
-    circuit: Circuit
+    steering: Steering
     _patches: list[_Patch] = field(default_factory=list, repr=False)
     _restored: bool = field(default=False, repr=False)
     _stack: list[BakedWeights] | None = field(default=None, repr=False)
@@ -190,8 +192,8 @@ class BakedWeights:
         blocking = [h for h in later if not h._restored and h._overlaps(self)]
         if blocking:
             raise CNAError(
-                f"cannot restore this bake ({len(self.circuit)} neurons) before a later bake "
-                f"of some of the same neurons ({blocking[-1].circuit.labels[:3]}...) is "
+                f"cannot restore this bake ({len(self.steering.circuit)} neurons) before a later bake "
+                f"of some of the same neurons ({blocking[-1].steering.circuit.labels[:3]}...) is "
                 "restored: bakes that share neurons must be restored in reverse order"
             )
         with torch.no_grad():
@@ -232,10 +234,6 @@ def _scale_weight(weight: Tensor, axis: int, scale: Tensor, patches: list[_Patch
         weight.index_copy_(axis, index, scaled)
 
 
-def _check_config(multiplier: Real, negative_multiplier: Real | None) -> SteeringConfig:
-    return _make_config(multiplier, negative_multiplier, positions="all")
-
-
 def bake_(
     model: Any,
     circuit: Circuit | Steering,
@@ -267,19 +265,15 @@ def bake_(
             in use by another thread.
         CircuitMismatchError: the circuit was made for another model.
     """
-    from cna_lens.steering.hooks import _check_model, check_fits_dtype, model_dtype
-
-    _check_model(model)
+    check_model(model)
     steering = as_steering(circuit, multiplier, negative_multiplier)
-    config = _check_config(steering.multiplier, steering.negative_multiplier)
-    circuit = steering.circuit
-    circuit.validate(model)
-    check_fits_dtype(config, model_dtype(model))
-    scales = steering.scale_vectors()  # refuses interventions that do not bake
+    steering.circuit.validate(model)
+    check_fits_dtype(steering, model_dtype(model))
+    scales = steering.scale_vectors()  # refuses interventions and positions that do not bake
     # Resolve every layer before touching any weight, so a failure changes nothing.
     targets = {layer: down_projection(model, layer) for layer in sorted(scales)}
     _model_state.acquire(model, "a baking context")
-    handle = BakedWeights(config, circuit)
+    handle = BakedWeights(steering)
     try:
         for layer, (module, axis) in targets.items():
             _scale_weight(_weight_of(module), axis, scales[layer], handle._patches)
@@ -332,114 +326,52 @@ def bake(
 # ---- a plain Hugging Face copy ------------------------------------------------------------
 
 
-def _source(model: Any) -> str:
-    from cna_lens.models.loading import model_id, model_source
-
-    if model_source(model):
-        return str(model_source(model))
-
-    cfg = getattr(getattr(model, "original_model", None), "config", None)
-    for candidate in (getattr(cfg, "_name_or_path", None), model_id(model)):
-        if candidate and Path(str(candidate)).expanduser().is_dir():
-            return str(Path(str(candidate)).expanduser())
-    for candidate in (getattr(cfg, "_name_or_path", None), model_id(model)):
-        if candidate and candidate != "unknown":
-            return str(candidate)  # a hub name; needs the HF cache or network
-    raise CNAError(
-        "cannot tell where this model was loaded from; pass its HF directory to "
-        "export_steered instead of the bridge"
-    )
-
-
-def _clean(name: str) -> str:
-    return name.replace(ORIGINAL, "").removeprefix("_original_component.")
-
-
-def _model_dtype(model: Any) -> torch.dtype:
-    return next(model.original_model.parameters()).dtype
-
-
 def steered_hf_model(
     model_or_dir: Any,
-    circuit: Circuit,
-    multiplier: Real = 0.0,
+    circuit: Circuit | Steering,
+    multiplier: Real | None = None,
     *,
     negative_multiplier: Real | None = None,
 ) -> Any:
     """A plain ``transformers`` model (no bridge, no hooks) with the circuit baked in.
 
-    From a bridge, a fresh HF copy is loaded from the directory (or hub name) the bridge was
-    loaded from, and the bridge's *current* weights are copied into it, so the copy is the
-    model in memory, not merely the checkpoint on disk. From a directory, the bridge is
-    loaded only to validate the circuit and to locate each layer's down projection.
+    The copy holds the bridge's *current* weights (copied, so the bridge is untouched): it
+    is the model in memory, not merely the checkpoint on disk. From a directory, the bridge
+    is loaded first (to validate the circuit and locate each layer's down projection).
 
     Args:
         model_or_dir: A bridge from :func:`cna_lens.load_model`, or a local HF directory.
-        circuit: The neurons to scale; validated against the model.
-        multiplier: 0 ablates, 1 is the unchanged model, > 1 amplifies.
+        circuit: The neurons to scale, or a bakeable :class:`~cna_lens.Steering`;
+            validated against the model.
+        multiplier: 0 ablates (default), 1 is the unchanged model, > 1 amplifies.
         negative_multiplier: Separate factor for neurons with delta < 0 (default: same).
 
     Returns:
-        A ``PreTrainedModel`` on CPU, in the model's dtype, in eval mode.
+        A ``PreTrainedModel`` on the bridge's device, in its dtype, in eval mode.
 
     Raises:
-        CNAError: bad multiplier, an unbakeable layer, or weights that cannot be mapped.
+        CNAError: bad multiplier, an unbakeable steering or layer, or weights that cannot
+            be mapped.
         CircuitMismatchError: the circuit was made for another model.
     """
-    from transformers import AutoModelForCausalLM
-
-    from cna_lens.models.loading import load_model
-    from cna_lens.steering.hooks import _check_circuit
-
-    circuit = _check_circuit(circuit)
-    config = _check_config(multiplier, negative_multiplier)
+    steering = as_steering(circuit, multiplier, negative_multiplier)
     if isinstance(model_or_dir, (str, os.PathLike)):
         bridge = load_model(model_or_dir, device="cpu", dtype=_disk_dtype(model_or_dir))
-        source = str(Path(model_or_dir).expanduser())
     else:
         bridge = model_or_dir
-        source = _source(bridge)
-    circuit.validate(bridge)
-    if isinstance(model_or_dir, (str, os.PathLike)):
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=_model_dtype(bridge))
-    else:  # built from the config, so a bridge from a .gguf file (or the hub) needs no disk
-        hf_config = copy.deepcopy(bridge.original_model.config)
-        if getattr(hf_config, "quantization_config", None) is not None:
-            del hf_config.quantization_config
-        hf = AutoModelForCausalLM.from_config(hf_config, dtype=_model_dtype(bridge))
-    hf.eval()
-    hf_params = dict(hf.state_dict(keep_vars=True))
-    # Copy the bridge's current weights into the fresh copy (names without the wrappers).
-    seen: set[str] = set()
-    with torch.no_grad():
-        for name, value in bridge.original_model.state_dict().items():
-            clean = _clean(name)
-            if clean in hf_params and clean not in seen:
-                target = hf_params[clean]
-                if target.shape != value.shape:
-                    raise CNAError(
-                        f"weight {clean}: bridge has {tuple(value.shape)} but the HF "
-                        f"copy from {source!r} has {tuple(target.shape)}"
-                    )
-                target.copy_(value.to(device=target.device, dtype=target.dtype))
-                seen.add(clean)
-    missing = sorted(set(hf_params) - seen)
-    if missing:
-        raise CNAError(
-            f"could not map {len(missing)} HF weights from the bridge (e.g. "
-            f"{missing[:3]}); export from the model directory instead"
-        )
-    modules = dict(bridge.original_model.named_modules())
-    by_id = {id(m): n for n, m in modules.items()}
-    hf_modules = dict(hf.named_modules())
-    scales = {} if config.is_identity else layer_scales(circuit, config)
+    check_model(bridge)
+    steering.circuit.validate(bridge)
+    check_fits_dtype(steering, model_dtype(bridge))
+    scales = steering.scale_vectors()
+    hf = plain_model(bridge.original_model, share=False)
+    names, hf_modules = module_names(bridge), dict(hf.named_modules())
     patches: list[_Patch] = []
     for layer, scale in sorted(scales.items()):
         module, axis = down_projection(bridge, layer)
-        name = _clean(by_id[id(module)])
+        name = names[id(module)]
         if name not in hf_modules:
             raise CNAError(f"layer {layer}: down projection {name!r} not found in the HF copy")
-        _scale_weight(hf_modules[name].weight, axis, scale, patches)
+        _scale_weight(_weight_of(hf_modules[name]), axis, scale, patches)
     return hf
 
 
@@ -455,8 +387,8 @@ def _disk_dtype(path: str | os.PathLike[str]) -> torch.dtype:
 
 def export_steered(
     model_or_dir: Any,
-    circuit: Circuit,
-    multiplier: Real,
+    circuit: Circuit | Steering,
+    multiplier: Real | None,
     out_dir: str | os.PathLike[str],
     *,
     negative_multiplier: Real | None = None,
@@ -470,7 +402,8 @@ def export_steered(
 
     Args:
         model_or_dir: A bridge from :func:`cna_lens.load_model`, or a local HF directory.
-        circuit: The neurons to scale; validated against the model.
+        circuit: The neurons to scale, or a bakeable :class:`~cna_lens.Steering` (then
+            ``multiplier`` is None); validated against the model.
         multiplier: 0 ablates, 1 is the unchanged model, > 1 amplifies.
         out_dir: Where to write. Written atomically: the export goes to a temporary
             directory beside it, which then replaces ``out_dir`` as a whole (the old
@@ -502,19 +435,13 @@ def export_steered(
             "cna_steering.json in it); it would be replaced as a whole, so choose a "
             "new or empty directory"
         )
-    hf = steered_hf_model(
-        model_or_dir, circuit, multiplier, negative_multiplier=negative_multiplier
-    )
+    steering = as_steering(circuit, multiplier, negative_multiplier)
+    hf = steered_hf_model(model_or_dir, steering)
     if isinstance(model_or_dir, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(str(Path(model_or_dir).expanduser()))
     else:
         tokenizer = model_or_dir.tokenizer
-    record = {
-        "multiplier": float(multiplier),
-        "negative_multiplier": None if negative_multiplier is None else float(negative_multiplier),
-        "positions": "all",
-        "circuit": circuit.to_dict(),
-    }
+    record = steering.to_dict()
 
     def write(tmp: Path) -> None:
         hf.save_pretrained(tmp)
@@ -522,7 +449,12 @@ def export_steered(
         (tmp / "cna_steering.json").write_text(json.dumps(record, indent=1))
 
     _replace_dir_atomically(out, write)
-    logger.info("wrote steered model (%d neurons, m=%s) to %s", len(circuit), multiplier, out)
+    logger.info(
+        "wrote steered model (%d neurons, m=%s) to %s",
+        len(steering.circuit),
+        steering.multiplier,
+        out,
+    )
     return out
 
 

@@ -15,6 +15,7 @@ not a claim about the paper's. Pass ``layers=`` to steer others.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,12 +28,14 @@ from tqdm.auto import tqdm
 
 from cna_lens._validate import Integral, check_real
 from cna_lens.errors import CNAError
+from cna_lens.steering.conditions import IDENTITY, HookOp, register_condition
+from cna_lens.steering.hooks import hooked
 from cna_lens.models.loading import tokenize_prompts, validate_prompts
 
 __all__ = [
+    "CAA",
     "RESID_HOOK",
     "CAAVectors",
-    "caa_generate",
     "caa_steer",
     "compute_caa",
     "default_caa_layers",
@@ -159,15 +162,16 @@ def compute_caa(
     return CAAVectors((pos - neg).to(torch.float32), len(positive), len(negative))
 
 
-class _AddHook:
-    """Returns ``act + alpha * vector`` (a new tensor; the activation is never written in place)."""
+class AddOp:
+    """Returns ``act + alpha * vector`` (a new tensor; the activation is never written in
+    place), with the scaled vector moved to the activation's device and dtype once."""
 
     def __init__(self, vector: Tensor, alpha: float):
         self.vector_cpu = vector
         self.alpha = alpha
         self._cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
-    def __call__(self, act: Tensor, hook: Any) -> Tensor:
+    def __call__(self, act: Tensor) -> Tensor:
         key = (act.device, act.dtype)
         if key not in self._cache:
             self._cache[key] = (self.alpha * self.vector_cpu.to(torch.float32)).to(
@@ -186,6 +190,63 @@ def _check_layers(layers: Sequence[int] | None, n_layers: int) -> tuple[int, ...
     if bad:
         raise CNAError(f"layers {bad} out of range; valid layers are 0..{n_layers - 1}")
     return out
+
+
+@dataclass(frozen=True)
+class CAA:
+    """A CAA condition: add ``alpha * vectors[L]`` to ``blocks.{L}.hook_resid_post`` at every
+    position of ``layers`` (default: the middle layer). ``alpha = 0`` changes nothing.
+
+    Example:
+        >>> generate(model, prompts, steering=CAA(vectors, -1.0))  # doctest: +SKIP
+    """
+
+    vectors: CAAVectors
+    alpha: float
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vectors, CAAVectors):
+            raise CNAError(
+                f"vectors must be CAAVectors (from compute_caa), got {type(self.vectors).__name__}"
+            )
+        object.__setattr__(self, "alpha", check_real("alpha", self.alpha))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+
+    def chosen_layers(self, model: Any) -> tuple[int, ...]:
+        """The layers steered on ``model`` (checked against its shape).
+
+        Raises:
+            CNAError: vectors of another shape, or layers out of range.
+        """
+        shape = (int(model.cfg.n_layers), int(model.cfg.d_model))
+        if (self.vectors.n_layers, self.vectors.d_model) != shape:
+            raise CNAError(
+                f"CAA vectors are [{self.vectors.n_layers}, {self.vectors.d_model}] but the "
+                f"model has n_layers={shape[0]}, d_model={shape[1]}"
+            )
+        return _check_layers(self.layers, shape[0])
+
+
+def _caa_ops(model: Any, caa: CAA) -> list[HookOp]:
+    chosen = caa.chosen_layers(model)
+    names = _resid_names(model)
+    if caa.alpha == 0.0:
+        return []
+    return [HookOp(names[layer], AddOp(caa.vectors.vectors[layer], caa.alpha)) for layer in chosen]
+
+
+def _caa_key(caa: CAA) -> tuple[Any, ...]:
+    if caa.alpha == 0.0:
+        return IDENTITY
+    digest = hashlib.sha256(caa.vectors.vectors.numpy().tobytes()).hexdigest()[:16]
+    return ("caa", digest, caa.alpha, caa.layers)
+
+
+register_condition(
+    CAA, ops=_caa_ops, key=_caa_key, describe=lambda c: f"CAA alpha={c.alpha:g}"
+)
 
 
 @contextmanager
@@ -218,48 +279,6 @@ def caa_steer(
         >>> with caa_steer(model, vectors, -1.0):  # doctest: +SKIP
         ...     logits = model(tokens)
     """
-    alpha = check_real("alpha", alpha)
-    shape = (int(model.cfg.n_layers), int(model.cfg.d_model))
-    if (caa.n_layers, caa.d_model) != shape:
-        raise CNAError(
-            f"CAA vectors are [{caa.n_layers}, {caa.d_model}] but the model has "
-            f"n_layers={shape[0]}, d_model={shape[1]}"
-        )
-    chosen = _check_layers(layers, shape[0])
-    names = _resid_names(model)
-    fwd_hooks = []
-    if alpha != 0.0:
-        fwd_hooks = [(names[layer], _AddHook(caa.vectors[layer], float(alpha))) for layer in chosen]
-    with model.hooks(fwd_hooks=fwd_hooks):
-        yield chosen
-
-
-def caa_generate(
-    model: Any,
-    prompts: Sequence[str],
-    caa: CAAVectors,
-    alpha: float,
-    *,
-    layers: Sequence[int] | None = None,
-    **generate_kwargs: Any,
-) -> list[str]:
-    """Generate with CAA steering, through the same batched machinery as :func:`cna_lens.generate`.
-
-    Args:
-        model: A bridge from :func:`cna_lens.load_model`.
-        prompts: Prompt texts (chat-formatted like every other generation).
-        caa: Vectors from :func:`compute_caa`.
-        alpha: Strength.
-        layers: Layers to steer (default: the middle layer).
-        **generate_kwargs: Passed to :func:`cna_lens.generate` (``max_new_tokens``,
-            ``batch_size``, ...); ``circuit`` is not allowed.
-
-    Raises:
-        CNAError: as :func:`caa_steer` and :func:`cna_lens.generate`.
-    """
-    from cna_lens.steering.hooks import generate
-
-    if "circuit" in generate_kwargs:
-        raise CNAError("caa_generate steers with CAA only; do not pass circuit=")
-    with caa_steer(model, caa, alpha, layers=layers):
-        return generate(model, prompts, **generate_kwargs)
+    condition = CAA(caa, alpha, None if layers is None else tuple(layers))
+    with hooked(model, condition):
+        yield condition.chosen_layers(model)

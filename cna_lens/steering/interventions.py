@@ -35,21 +35,29 @@ Add an intervention by writing one function and registering it::
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from cna_lens._validate import Real, check_real
+from cna_lens._registry import Registry
+from cna_lens._validate import Real, check_choice, check_real
 from cna_lens.core.circuit import Circuit, Neuron
 from cna_lens.errors import CNAError
+from cna_lens.io import atomic_write_text, read_text_file
 
 __all__ = [
     "BAKEABLE",
+    "as_steering",
+    "check_circuit",
+    "check_fits_dtype",
+    "check_strength",
+    "model_dtype",
     "INTERVENTIONS",
     "Intervention",
     "LayerOp",
@@ -72,6 +80,9 @@ BAKEABLE: tuple[str, ...] = ("scale",)
 (Llama, Qwen, Gemma) do not have; it is refused rather than approximated."""
 
 NEURON_FIELDS = ("delta", "mean_positive", "mean_negative")
+
+STEERING_FORMAT = "cna_lens.steering"
+"""The ``format`` field of a saved steering."""
 
 
 @dataclass(frozen=True)
@@ -127,11 +138,15 @@ def mean_intervention(act: Tensor, p: LayerParams) -> Tensor:
     return p.mean_negative + p.multiplier * (act - p.mean_negative)
 
 
-_REGISTRY: dict[str, Intervention] = {
-    "scale": Intervention("scale", scale_intervention),
-    "mean": Intervention("mean", mean_intervention, ("mean_negative",)),
-}
-INTERVENTIONS = MappingProxyType(_REGISTRY)
+_REGISTRY: Registry[Intervention] = Registry(
+    "intervention",
+    "cna_lens.register_intervention(name, fn)",
+    [
+        ("scale", Intervention("scale", scale_intervention)),
+        ("mean", Intervention("mean", mean_intervention, ("mean_negative",))),
+    ],
+)
+INTERVENTIONS = _REGISTRY.view
 """Registered interventions by name (read-only view; add with :func:`register_intervention`)."""
 
 
@@ -149,8 +164,6 @@ def register_intervention(
         CNAError: empty name, ``fn`` not callable, unknown ``requires`` field, or a taken
             name (unless ``overwrite``).
     """
-    if not isinstance(name, str) or not name.strip():
-        raise CNAError(f"intervention name must be a non-empty string, got {name!r}")
     if not callable(fn):
         raise CNAError(f"intervention {name!r} must be callable (act, params) -> act, got {fn!r}")
     bad = [r for r in requires if r not in NEURON_FIELDS]
@@ -159,13 +172,7 @@ def register_intervention(
             f"intervention {name!r} requires unknown neuron fields {bad}; valid: "
             f"{list(NEURON_FIELDS)}"
         )
-    if name in _REGISTRY and not overwrite:
-        raise CNAError(
-            f"intervention {name!r} is already registered; pass overwrite=True to replace it"
-        )
-    entry = Intervention(name, fn, tuple(requires))
-    _REGISTRY[name] = entry
-    return entry
+    return _REGISTRY.add(name, Intervention(name, fn, tuple(requires)), overwrite=overwrite)
 
 
 def get_intervention(name: str) -> Intervention:
@@ -174,12 +181,7 @@ def get_intervention(name: str) -> Intervention:
     Raises:
         CNAError: unknown name (the message lists the registered ones).
     """
-    if isinstance(name, str) and name in _REGISTRY:
-        return _REGISTRY[name]
-    raise CNAError(
-        f"unknown intervention {name!r}; valid interventions: {sorted(_REGISTRY)} "
-        "(or register one with cna_lens.register_intervention(name, fn))"
-    )
+    return _REGISTRY.lookup(name)
 
 
 class LayerOp:
@@ -211,10 +213,6 @@ class LayerOp:
                 f"{list(new.shape)} for input {list(act.shape[:-1]) + [len(p.index)]}"
             )
         return act.index_copy(-1, p.index, new.to(act.dtype))
-
-
-def _check_multiplier(name: str, value: Any) -> float:
-    return check_real(name, value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,19 +254,12 @@ class Steering:
         if not isinstance(self.circuit, Circuit):
             raise CNAError(f"circuit must be a Circuit, got {type(self.circuit).__name__}")
         entry = get_intervention(self.intervention)
-        object.__setattr__(self, "multiplier", _check_multiplier("multiplier", self.multiplier))
-        if self.negative_multiplier is not None:
-            object.__setattr__(
-                self,
-                "negative_multiplier",
-                _check_multiplier("negative_multiplier", self.negative_multiplier),
-            )
-        if self.sign not in get_args(Sign):
-            raise CNAError(f"sign must be one of {list(get_args(Sign))}, got {self.sign!r}")
-        if self.positions not in get_args(Positions):
-            raise CNAError(
-                f"positions must be one of {list(get_args(Positions))}, got {self.positions!r}"
-            )
+        multiplier, negative = check_strength(
+            self.multiplier, self.negative_multiplier, self.positions
+        )
+        object.__setattr__(self, "multiplier", multiplier)
+        object.__setattr__(self, "negative_multiplier", negative)
+        check_choice("sign", self.sign, get_args(Sign))
         neg = self.multiplier if self.negative_multiplier is None else self.negative_multiplier
         steered = []
         for n in self.circuit:
@@ -302,6 +293,15 @@ class Steering:
     def is_identity(self) -> bool:
         """True when no neuron is changed (the model runs unhooked, bit-identical)."""
         return not self._steered
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """What the steering does, as a hashable value: two steerings with one key change
+        the same neurons the same way (all identities share ``("identity",)``)."""
+        if self.is_identity:
+            return ("identity",)
+        changes = tuple((n.layer, n.neuron, m) for n, m in self._steered)
+        return ("steering", self.intervention, self.positions, changes)
 
     def layer_params(self) -> dict[int, LayerParams]:
         """Per steered layer, the index and value tensors (CPU, float64, index order)."""
@@ -353,9 +353,11 @@ class Steering:
             out[n.layer][n.neuron] = m
         return out
 
-    # ---- JSON --------------------------------------------------------------------------
+    # ---- JSON and files ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
+            "format": STEERING_FORMAT,
+            "format_version": 1,
             "circuit": self.circuit.to_dict(),
             "intervention": self.intervention,
             "multiplier": self.multiplier,
@@ -366,14 +368,23 @@ class Steering:
 
     @classmethod
     def from_dict(cls, d: Any) -> Steering:
-        """Build a steering from :meth:`to_dict` output.
+        """Build a steering from :meth:`to_dict` output (``format`` may be absent, as in
+        files of cna_lens 0.1).
 
         Raises:
-            CNAError: not a mapping, missing circuit, unknown keys, or invalid values.
+            CNAError: not a mapping, missing circuit, another format, unknown keys, or
+                invalid values.
         """
         keys = {"circuit", "intervention", "multiplier", "negative_multiplier", "sign", "positions"}
         if not isinstance(d, dict) or "circuit" not in d:
             raise CNAError("not a cna_lens steering: expected a JSON object with a 'circuit'")
+        d = dict(d)
+        fmt, version = d.pop("format", STEERING_FORMAT), d.pop("format_version", 1)
+        if fmt != STEERING_FORMAT or version != 1:
+            raise CNAError(
+                f"not a cna_lens steering of format version 1: format={fmt!r}, "
+                f"format_version={version!r}"
+            )
         unknown = sorted(set(d) - keys)
         if unknown:
             raise CNAError(f"unknown steering keys {unknown}; valid: {sorted(keys)}")
@@ -390,3 +401,124 @@ class Steering:
         except json.JSONDecodeError as exc:
             raise CNAError(f"steering is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the steering (with its circuit and the circuit's provenance) as JSON,
+        atomically; :meth:`load`, ``cna-lens generate --steering FILE`` and
+        ``cl.generate(..., steering=FILE)`` read it.
+
+        Raises:
+            CNAError: the path is a directory or cannot be written.
+        """
+        return atomic_write_text(Path(path), self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Steering:
+        """Read a steering written by :meth:`save`.
+
+        Raises:
+            CNAError: the file is missing, unreadable, not JSON, or not a steering.
+        """
+        text = read_text_file(path, "steering file", writer="Steering.save")
+        try:
+            return cls.from_json(text)
+        except CNAError as exc:
+            raise CNAError(f"{path}: {exc}") from exc
+
+
+def check_strength(
+    multiplier: Any, negative_multiplier: Any, positions: Any
+) -> tuple[float, float | None]:
+    """The multipliers as floats, once ``positions`` is known to be valid.
+
+    Raises:
+        CNAError: a multiplier that is not a finite real number, or unknown ``positions``.
+    """
+    m = check_real("multiplier", multiplier)
+    neg = None if negative_multiplier is None else check_real(
+        "negative_multiplier", negative_multiplier
+    )
+    check_choice("positions", positions, get_args(Positions))
+    return m, neg
+
+
+def check_circuit(circuit: Any) -> Circuit:
+    """``circuit`` if it is a :class:`Circuit`.
+
+    Raises:
+        CNAError: otherwise (the message says how to get one).
+    """
+    if not isinstance(circuit, Circuit):
+        raise CNAError(
+            f"circuit must be a cna_lens Circuit (e.g. Circuit.load(path)), got "
+            f"{type(circuit).__name__} {circuit!r:.60}"
+        )
+    return circuit
+
+
+def as_steering(
+    circuit: Any,
+    multiplier: Any = None,
+    negative_multiplier: Any = None,
+    positions: Any = None,
+) -> Steering:
+    """A :class:`Steering` from either one, or a circuit and the keyword form's arguments.
+
+    The arguments are typed ``Any`` because this function checks them itself (``circuit``
+    must be a :class:`Circuit` or a :class:`Steering`), with CNAError messages.
+
+    Raises:
+        CNAError: not a circuit or a Steering, or a Steering together with
+            multiplier/negative_multiplier/positions.
+    """
+    if isinstance(circuit, Steering):
+        given = [
+            name
+            for name, v in (
+                ("multiplier", multiplier),
+                ("negative_multiplier", negative_multiplier),
+                ("positions", positions),
+            )
+            if v is not None
+        ]
+        if given:
+            raise CNAError(
+                f"pass either a Steering or a circuit with {given}, not both; set "
+                "them on the Steering (dataclasses.replace(steering, ...))"
+            )
+        return circuit
+    return Steering(
+        circuit=check_circuit(circuit),
+        multiplier=0.0 if multiplier is None else multiplier,
+        negative_multiplier=negative_multiplier,
+        positions="all" if positions is None else positions,
+    )
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    """The floating-point dtype the model computes in."""
+    dtype = getattr(getattr(model, "cfg", None), "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return next(model.parameters()).dtype
+    except (AttributeError, StopIteration):
+        return torch.float32
+
+
+def check_fits_dtype(steering: Steering, dtype: torch.dtype) -> None:
+    """Refuse multipliers that are not finite in ``dtype`` (e.g. 1e5 in float16).
+
+    Raises:
+        CNAError: ``|multiplier|`` or ``|negative_multiplier|`` exceeds ``finfo(dtype).max``.
+    """
+    limit = torch.finfo(dtype).max
+    for name, m in (
+        ("multiplier", steering.multiplier),
+        ("negative_multiplier", steering.negative_multiplier),
+    ):
+        if m is not None and abs(m) > limit:
+            raise CNAError(
+                f"{name}={m:g} overflows the model's dtype {dtype} (largest finite "
+                f"value {limit:g}); choose |{name}| <= {limit:g}"
+            )

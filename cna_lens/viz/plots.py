@@ -1,7 +1,7 @@
 """Plots: Plotly figures of circuits, overlaps, steering sweeps and stability.
 
-Every function takes data (circuits, :class:`~cna_lens.evaluation.analysis.Overlap`,
-:class:`~cna_lens.evaluation.analysis.Stability`, sweep DataFrames) and returns a
+Every function takes data (circuits, :class:`~cna_lens.core.analysis.Overlap`,
+:class:`~cna_lens.core.analysis.Stability`, sweep DataFrames) and returns a
 ``plotly.graph_objects.Figure``; none shows or writes anything. Save them with
 :func:`cna_lens.viz.figures.save_figures` or call ``fig.show()`` in a notebook.
 """
@@ -16,11 +16,12 @@ from plotly.subplots import make_subplots
 
 from cna_lens.core.circuit import Circuit
 from cna_lens.errors import CNAError
-from cna_lens.evaluation.analysis import Overlap, Stability
-from cna_lens.evaluation.metrics import summarize
+from cna_lens.core.analysis import Overlap, Stability
+from cna_lens.evaluation.engine import summarize
 
 __all__ = [
     "capability_figure",
+    "dose_figure",
     "layer_histogram",
     "overlap_figure",
     "stability_figure",
@@ -91,7 +92,7 @@ def overlap_figure(
     """Per layer: each circuit's neurons, the neurons they share, and the chance expectation.
 
     Args:
-        overlap: From :func:`cna_lens.evaluation.analysis.circuit_overlap` (A = ``names[0]``).
+        overlap: From :func:`cna_lens.core.analysis.circuit_overlap` (A = ``names[0]``).
         names: Labels of circuit A and circuit B.
         title: Figure title (default: the overall overlap and its chance level).
     """
@@ -307,5 +308,94 @@ def stability_figure(
         yaxis_title="resamples",
         xaxis=dict(range=[0, 1.02]),
         template="plotly_white",
+    )
+    return fig
+
+
+_METRICS = {"refusal_rate": "refusal rate", "quality": "output quality"}
+
+
+def dose_figure(
+    results: pd.DataFrame,
+    *,
+    x: str = "k",
+    prompt_sets: Sequence[str] | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Refusal rate and quality (rows) per prompt set (columns) against ``k`` or ``m``.
+
+    Args:
+        results: The table from :func:`sweep`.
+        x: ``"k"`` (one line per intervention / sign / multiplier) or ``"multiplier"``
+            (one line per intervention / sign / k).
+        prompt_sets: Which sets to show (default: all, in table order).
+        title: Figure title.
+
+    Raises:
+        CNAError: ``x`` is neither "k" nor "multiplier", or a missing column or set.
+    """
+    if x not in ("k", "multiplier"):
+        raise CNAError(f"x must be 'k' or 'multiplier', got {x!r}")
+    missing = [
+        c
+        for c in ("k", "multiplier", "intervention", "sign", "prompt_set", *_METRICS)
+        if c not in results.columns
+    ]
+    if missing:
+        raise CNAError(
+            f"expected a dose sweep table (cna_lens.sweep); missing {missing}"
+        )
+    sets = (
+        list(prompt_sets) if prompt_sets is not None else list(dict.fromkeys(results["prompt_set"]))
+    )
+    unknown = [s for s in sets if s not in set(results["prompt_set"])]
+    if unknown or not sets:
+        raise CNAError(
+            f"prompt sets {unknown or sets} not in the table; it has "
+            f"{sorted(set(results['prompt_set']))}"
+        )
+    line_by = ["intervention", "sign", "multiplier" if x == "k" else "k"]
+    fig = make_subplots(
+        rows=len(_METRICS),
+        cols=len(sets),
+        shared_xaxes=True,
+        subplot_titles=[f"{_METRICS[m]}: {s}" for m in _METRICS for s in sets],
+    )
+    colors = [
+        "#1f77b4",
+        "#d62728",
+        "#2ca02c",
+        "#9467bd",
+        "#ff7f0e",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+    ]
+    groups = list(results.groupby(line_by, sort=True))
+    for i, (labels, frame) in enumerate(groups):
+        iv, sign, other = labels
+        name = f"{iv}, {sign}, {'m' if x == 'k' else 'k'}={other:g}"
+        for row, metric in enumerate(_METRICS, 1):
+            for col, pset in enumerate(sets, 1):
+                r = frame[frame["prompt_set"] == pset].sort_values(x)
+                fig.add_scatter(
+                    x=r[x],
+                    y=r[metric],
+                    name=name,
+                    legendgroup=name,
+                    showlegend=row == 1 and col == 1,
+                    mode="lines+markers",
+                    line=dict(
+                        color=colors[i % len(colors)], dash="solid" if sign == "both" else "dot"
+                    ),
+                    row=row,
+                    col=col,
+                )
+    fig.update_xaxes(title_text="circuit size k" if x == "k" else "multiplier m", row=len(_METRICS))
+    fig.update_yaxes(range=[-0.03, 1.03])
+    fig.update_layout(
+        title=title or f"Dose response vs {'k' if x == 'k' else 'm'}", template="plotly_white"
     )
     return fig

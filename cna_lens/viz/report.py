@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 
 from cna_lens.core.circuit import Circuit
 from cna_lens.errors import CNAError
-from cna_lens.viz.explore import NeuronCard
+from cna_lens.viz.cards import NeuronCard
 
 __all__ = ["flatten_summary", "write_report"]
 

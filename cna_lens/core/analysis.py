@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -79,6 +79,33 @@ class LayerDistribution:
         d = asdict(self)
         d["per_layer"] = list(self.per_layer)
         return d
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LayerDistribution:
+        """Read :meth:`to_dict` output (``total`` may be absent: summaries of cna_lens 0.1).
+
+        Raises:
+            CNAError: not an object, missing or unknown keys.
+        """
+        d = _fields_of(cls, data, "layer distribution", optional=("total",))
+        d["per_layer"] = tuple(int(c) for c in d["per_layer"])
+        d.setdefault("total", sum(d["per_layer"]))
+        return cls(**d)
+
+
+def _fields_of(
+    cls: type, data: Any, what: str, *, optional: Sequence[str] = (), extra: Sequence[str] = ()
+) -> dict[str, Any]:
+    """``data`` as keyword arguments of the dataclass ``cls``: every field but ``optional``
+    ones present; ``extra`` keys (derived values a ``to_dict`` adds) dropped."""
+    if not isinstance(data, dict):
+        raise CNAError(f"{what} must be a JSON object, got {type(data).__name__}")
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(names) - set(extra))
+    missing = [n for n in names if n not in data and n not in optional]
+    if unknown or missing:
+        raise CNAError(f"{what}: unknown keys {unknown}, missing keys {missing}; fields: {names}")
+    return {k: v for k, v in data.items() if k in names}
 
 
 def layer_distribution(circuit: Circuit | Sequence[int]) -> LayerDistribution:
@@ -177,6 +204,32 @@ class Overlap:
         d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
         d["per_layer_overlap_fraction"] = self.per_layer_overlap_fraction
         return d
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Overlap:
+        """Read :meth:`to_dict` output, or the overlap section of a cna_lens 0.1 summary
+        (``per_layer`` with "instruct", "base", "shared" and "chance" lists).
+
+        Raises:
+            CNAError: not an overlap.
+        """
+        if isinstance(data, dict) and "per_layer" in data:  # cna_lens 0.1
+            old, per = dict(data), data["per_layer"]
+            old.pop("per_layer")
+            data = {
+                **old,
+                "size_a": sum(per["instruct"]),
+                "size_b": sum(per["base"]),
+                "chance_intersection": sum(per["chance"]),
+                "per_layer_a": per["instruct"],
+                "per_layer_b": per["base"],
+                "per_layer_intersection": per["shared"],
+                "per_layer_chance": per["chance"],
+            }
+        d = _fields_of(cls, data, "overlap", extra=("per_layer_overlap_fraction",))
+        for key in ("per_layer_a", "per_layer_b", "per_layer_intersection", "per_layer_chance"):
+            d[key] = tuple(d[key])
+        return cls(**d)
 
 
 def _cosine(a: Sequence[int | float], b: Sequence[int | float]) -> float:

@@ -1,0 +1,99 @@
+"""The bridge backend: the reference path every faster path is tested against.
+
+Each condition is installed on the TransformerBridge through its hook points
+(:func:`cna_lens.steering.hooks.hooked`), and Hugging Face ``generate`` runs on the bridge's
+model batch by batch (left-padded, KV-cached; greedy, or sampled with the decoding's seed set
+at the start of each condition). Slow but obvious: the same hooks a user's ``steer``
+context adds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from cna_lens import _model_state
+from cna_lens.generation.decoding import Decoding, cut_at_eos, eos_ids
+from cna_lens.models.loading import TokenBatch, pad_id
+from cna_lens.steering.hooks import hooked
+
+__all__ = ["BridgeBackend"]
+
+
+class BridgeBackend:
+    """Generate under each condition with HF ``generate`` on the hooked bridge."""
+
+    name = "bridge"
+
+    def __init__(self, model: Any):
+        self.bridge = model
+        self.eos = eos_ids(model)
+        self.pad = pad_id(model)
+
+    def __enter__(self) -> BridgeBackend:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing to release (kept for the backend interface)."""
+
+    def _kwargs(self, decoding: Decoding) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=decoding.max_new_tokens,
+            do_sample=decoding.do_sample,
+            pad_token_id=self.pad,
+            use_cache=True,
+        )
+        if self.eos:
+            kwargs["eos_token_id"] = self.eos
+        if decoding.do_sample:
+            kwargs["temperature"] = decoding.temperature
+            if decoding.top_p is not None:
+                kwargs["top_p"] = decoding.top_p
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def run(
+        self,
+        batches: Sequence[TokenBatch],
+        conditions: Sequence[Any],
+        decoding: Decoding,
+        on_pass: Callable[[int, int, float], None] | None = None,
+    ) -> tuple[list[list[list[int]]], list[float]]:
+        """Per condition, per prompt (in the caller's prompt order, through the batches'
+        ``indices``), the new token ids; and the seconds each condition took.
+
+        ``on_pass(conditions, tokens, seconds)`` is called after every batch.
+        """
+        n = sum(len(b.indices) for b in batches)
+        kwargs = self._kwargs(decoding)
+        results: list[list[list[int]]] = []
+        seconds: list[float] = []
+        for condition in conditions:
+            began = time.perf_counter()
+            ids: list[list[int]] = [[] for _ in range(n)]
+            if decoding.seed is not None:
+                torch.manual_seed(decoding.seed)
+            with _model_state.hold(self.bridge, "generate"), hooked(self.bridge, condition):
+                for batch in batches:
+                    start = time.perf_counter()
+                    with torch.inference_mode():
+                        out = self.bridge.original_model.generate(
+                            input_ids=batch.input_ids,
+                            attention_mask=batch.attention_mask,
+                            **kwargs,
+                        )
+                    rows = cut_at_eos(out[:, batch.input_ids.shape[1] :].tolist(), self.eos)
+                    for row, idx in zip(rows, batch.indices, strict=True):
+                        ids[idx] = row
+                    if on_pass is not None:
+                        on_pass(1, sum(map(len, rows)), time.perf_counter() - start)
+            results.append(ids)
+            seconds.append(time.perf_counter() - began)
+        return results, seconds

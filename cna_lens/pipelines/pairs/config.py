@@ -1,0 +1,157 @@
+"""Pairs: the registry of untuned/tuned pairs on pretrained weights and how each was tuned."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from cna_lens.errors import CNAError
+
+__all__ = ["LORA_TARGETS", "PAIRS", "FinetuneConfig", "Pair", "adapter_dir", "get_pair", "list_pairs"]
+
+LORA_TARGETS: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+"""The linear layers LoRA adapts in every block (attention and MLP of llama-style models)."""
+
+DATA = Path(__file__).parents[2] / "data" / "pairs"
+ADAPTER_FILE = "adapter_model.safetensors"
+RECORD_FILE = "training.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    """How an adapter is trained (recorded in the adapter's ``training.json``).
+
+    Attributes:
+        rank, alpha, dropout: LoRA rank, scaling numerator (update = alpha / rank * B A)
+            and dropout.
+        target_modules: Linear layer names adapted in every block.
+        learning_rate: AdamW learning rate (linear warm-up over 10% of the steps, then
+            linear decay to 0).
+        epochs: Passes over the training examples.
+        batch_size: Examples per optimiser step.
+        max_steps: Stop after this many steps (None: all epochs); the tests train a few.
+        teacher_tokens: Length of the untuned model's benign answers.
+        n_harmful, n_benign: Caps on the training prompt sets (None: all).
+        seed: Seed of the LoRA initialisation and the shuffling.
+        threads: torch CPU threads while training (results depend on it in the last bits).
+    """
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    learning_rate: float = 1e-3
+    epochs: int = 3
+    batch_size: int = 8
+    max_steps: int | None = None
+    teacher_tokens: int = 64
+    n_harmful: int | None = None
+    n_benign: int | None = None
+    seed: int = 0
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        for name in ("rank", "epochs", "batch_size", "teacher_tokens", "threads"):
+            if int(getattr(self, name)) < 1:
+                raise CNAError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "n_harmful", "n_benign"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise CNAError(f"FinetuneConfig.{name} must be >= 1 or None, got {v}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise CNAError(f"FinetuneConfig.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.dropout < 1:
+            raise CNAError(f"FinetuneConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise CNAError("FinetuneConfig.target_modules is empty; LoRA needs layers to adapt")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CNAError(
+                f"unknown FinetuneConfig keys {unknown}; valid keys: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """An untuned/tuned pair: a zoo model and the shipped adapter trained on it.
+
+    Attributes:
+        name: Short name (``--pair NAME``).
+        base: The untuned model's name in :data:`cna_lens.models.zoo.REAL_MODELS`.
+        description: One line for ``--list-pairs`` users and the README.
+        train: The training settings that made the shipped adapter.
+    """
+
+    name: str
+    base: str
+    description: str
+    train: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+PAIRS: dict[str, Pair] = {
+    p.name: p
+    for p in (
+        Pair(
+            name="smollm2-refusal",
+            base="smollm2-135m-instruct",
+            description="SmolLM2-135M-Instruct (rarely refuses) and a LoRA refusal fine-tune "
+            "of it (all 30 layers, attention and MLP)",
+            train=FinetuneConfig(epochs=2),
+        ),
+    )
+}
+"""The pairs ``cna-lens reproduce --pair NAME`` knows, by name."""
+
+
+def list_pairs() -> list[str]:
+    """The names of the available pairs, sorted."""
+    return sorted(PAIRS)
+
+
+def get_pair(name: str) -> Pair:
+    """The pair called ``name``.
+
+    Raises:
+        CNAError: unknown name (the message lists the available pairs).
+    """
+    if name not in PAIRS:
+        raise CNAError(f"unknown pair {name!r}; available pairs: {', '.join(list_pairs())}")
+    return PAIRS[name]
+
+
+def adapter_dir(name: str) -> Path:
+    """The shipped adapter folder of a pair (``adapter_config.json``, weights, record).
+
+    Raises:
+        CNAError: unknown pair, or its adapter is not in the package.
+    """
+    path = DATA / get_pair(name).name
+    if not (path / ADAPTER_FILE).is_file():
+        raise CNAError(
+            f"the adapter of pair {name!r} is missing from {path}; train it with "
+            f"`cna-lens pair train {name} --out {path}`"
+        )
+    return path
+
+
