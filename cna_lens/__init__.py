@@ -25,7 +25,6 @@ from typing import Any
 
 from cna_lens import _compat
 from cna_lens._version import __version__
-
 from cna_lens.core.activations import NeuronStats, activation_stats, iter_activations
 from cna_lens.core.analysis import (
     LayerDistribution,

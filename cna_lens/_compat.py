@@ -92,6 +92,14 @@ def install() -> None:
         sys.meta_path.insert(0, _AliasFinder())
 
 
+DEPRECATED: dict[str, str] = {
+    "SteeringConfig": "use cna_lens.Steering (circuit, multipliers, sign and positions)",
+    "caa_generate": "use cna_lens.generate(model, prompts, steering=cna_lens.CAA(vectors, "
+    "alpha, layers))",
+}
+"""Names of cna_lens 0.1 kept as deprecated shims here, with what to use instead."""
+
+
 def forward(module: str, moved: Mapping[str, str]) -> Callable[[str], Any]:
     """A module ``__getattr__`` that forwards names that moved elsewhere, with a warning.
 
@@ -105,7 +113,14 @@ def forward(module: str, moved: Mapping[str, str]) -> Callable[[str], Any]:
         if target is None:
             raise AttributeError(f"module {module!r} has no attribute {name!r}")
         where, _, attr = target.partition(":")
-        _warn(f"{module}.{name}", f"{where}.{attr}")
+        if where == __name__:
+            warnings.warn(
+                f"{module}.{name} is deprecated: {DEPRECATED[attr]} (it goes away in 0.3)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        else:
+            _warn(f"{module}.{name}", f"{where}.{attr}")
         return getattr(importlib.import_module(where), attr)
 
     return __getattr__
@@ -127,9 +142,6 @@ class SteeringConfig:
     ):
         from cna_lens.steering.interventions import check_strength
 
-        warnings.warn(
-            "SteeringConfig is deprecated: use cna_lens.Steering", DeprecationWarning, stacklevel=2
-        )
         self.multiplier, self.negative_multiplier = check_strength(
             multiplier, negative_multiplier, positions
         )
@@ -159,12 +171,6 @@ def caa_generate(
     from cna_lens.generation import generate
     from cna_lens.steering.caa import CAA
 
-    warnings.warn(
-        "caa_generate is deprecated: use cna_lens.generate(model, prompts, "
-        "steering=cna_lens.CAA(vectors, alpha, layers))",
-        DeprecationWarning,
-        stacklevel=2,
-    )
     if "circuit" in generate_kwargs:
         raise CNAError("caa_generate steers with CAA only; do not pass circuit=")
     condition = CAA(caa, alpha, None if layers is None else tuple(layers))

@@ -168,8 +168,7 @@ def read_text_file(path: str | os.PathLike[str], what: str, *, writer: str) -> s
     nul = raw.find(b"\x00")
     if encoding != "utf-16" and nul >= 0:  # UTF-16 without a BOM, or a binary file
         raise CNAError(
-            f"{what} {str(path)!r} is not valid UTF-8 text (a NUL byte at offset {nul}); "
-            f"{expected}"
+            f"{what} {str(path)!r} is not valid UTF-8 text (a NUL byte at offset {nul}); {expected}"
         )
     try:
         return raw.decode(encoding)

@@ -54,3 +54,19 @@ def test_your_model_notebook_runs_on_a_local_model(tmp_path, monkeypatch, model_
     monkeypatch.setenv("CNA_LENS_MODEL", str(model_dirs["llama"]))
     monkeypatch.setenv("CNA_LENS_MAX_NEW_TOKENS", "4")
     _run("03_your_model.ipynb", tmp_path)
+
+
+def test_your_model_notebook_defaults_to_a_model_that_loads_offline(monkeypatch):
+    """The default model of 03_your_model is an installed zoo model or the organism, never a
+    hub name (which cannot load offline)."""
+    import cna_lens
+
+    monkeypatch.delenv("CNA_LENS_MODEL", raising=False)
+    nb = nbformat.read(NOTEBOOKS / "03_your_model.ipynb", as_version=4)
+    first = next(c.source for c in nb.cells if c.cell_type == "code")
+    setup = first.split("model = cl.load_model")[0]  # everything before the (slow) load
+    namespace: dict = {}
+    exec(setup, namespace)  # noqa: S102 - the notebook's own code
+    model = namespace["MODEL"]
+    assert model.startswith(("zoo:", "organism:")), model
+    assert Path(cna_lens.resolve_model(model)).exists()

@@ -66,7 +66,9 @@ def _parser_type(annotation: Any) -> tuple[Any, bool]:
         return _parser_type(args[0])
     if origin in (tuple, list, collections.abc.Sequence):
         item = typing.get_args(annotation)[0]
-        return (comma_ints if item is int else comma_floats if item is float else comma_names), False
+        return (
+            comma_ints if item is int else comma_floats if item is float else comma_names
+        ), False
     if origin is typing.Literal:
         return str, False
     if annotation is bool:

@@ -174,7 +174,10 @@ def _add_generate(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--circuit", default=None, help="circuit JSON from 'discover'")
     p.add_argument(
-        "--multiplier", type=float, default=1.0, help="0 ablates, 1 unchanged, >1 amplifies (default 1)"
+        "--multiplier",
+        type=float,
+        default=1.0,
+        help="0 ablates, 1 unchanged, >1 amplifies (default 1)",
     )
     p.add_argument(
         "--negative-multiplier",
@@ -218,6 +221,8 @@ def register(sub: Any, handlers: dict[str, Callable[[argparse.Namespace], int]])
     q = msub.add_parser("path", help="print a loadable path for an installed real model")
     q.add_argument("name", help="a name from 'cna-lens models list'")
     q.add_argument(
-        "--hf", action="store_true", help="convert to a plain HF directory once (cached) and print that"
+        "--hf",
+        action="store_true",
+        help="convert to a plain HF directory once (cached) and print that",
     )
     handlers["models"] = _cmd_models

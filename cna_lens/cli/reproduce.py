@@ -102,9 +102,13 @@ def register(sub: Any, handlers: dict[str, Callable[[argparse.Namespace], int]])
         "(default: the organism); writes figures and summary.json",
     )
     p.add_argument(
-        "--quick", action="store_true", help="small subsets and sweeps: a smoke run of the whole pipeline"
+        "--quick",
+        action="store_true",
+        help="small subsets and sweeps: a smoke run of the whole pipeline",
     )
-    p.add_argument("--list-pairs", action="store_true", help="print the available pairs, one per line")
+    p.add_argument(
+        "--list-pairs", action="store_true", help="print the available pairs, one per line"
+    )
     p.add_argument("--obvious", action="store_true", help="the same as --backend bridge")
     config_args(p, ReproduceConfig, CONFIG_HELP)
     discovery_args(p, model_default="0.01 on the organism, 0.001 otherwise")

@@ -178,7 +178,9 @@ def evaluate(
             model, flat, list(distinct.values()), decoding=dec, backend=backend, progress=bar
         )
     scored: dict[Any, dict[str, _Scored]] = {}
-    for key, ids, outs, secs in zip(distinct, gens.token_ids, gens.texts, gens.seconds, strict=True):
+    for key, ids, outs, secs in zip(
+        distinct, gens.token_ids, gens.texts, gens.seconds, strict=True
+    ):
         scored[key] = _score(sets, capability, ids, outs, secs, chosen)
     if texts is not None:
         _write_texts(Path(texts), arm_list, sets, scored)
@@ -297,9 +299,7 @@ def summarize(
         **{c: results[c].astype("Float64").astype(float) for c in cols if c in results}
     )
     grouped = frame.groupby([*by, "prompt_set"], sort=True)
-    out = grouped.agg(
-        n=("output", "size"), **{SUMMARY_NAMES.get(c, c): (c, "mean") for c in cols}
-    )
+    out = grouped.agg(n=("output", "size"), **{SUMMARY_NAMES.get(c, c): (c, "mean") for c in cols})
     return out.reset_index()
 
 

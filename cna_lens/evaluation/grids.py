@@ -37,7 +37,7 @@ from cna_lens.core.analysis import random_control_circuit
 from cna_lens.core.circuit import Circuit
 from cna_lens.core.discovery import Discovery
 from cna_lens.errors import CNAError
-from cna_lens.evaluation.engine import Arm, evaluate
+from cna_lens.evaluation.engine import Arm, evaluate, evaluation_sets
 from cna_lens.evaluation.metrics import (
     CapabilityItem,
     Judge,
@@ -229,6 +229,7 @@ def paper_sweep(
         seed=seed,
     )
     if not arms:
+        evaluation_sets(prompt_sets, capability)  # bad sets are refused all the same
         return pd.DataFrame(columns=PAPER_COLUMNS)
     return evaluate(
         model,
@@ -264,8 +265,12 @@ def check_fractions(values: Iterable[Any]) -> tuple[float, ...]:
         CNAError: otherwise (the message repeats the list).
     """
     return check_numbers(
-        "fractions", values, rule="numbers in (0, 1]", ok=lambda v: 0.0 < v <= 1.0,
-        ordered=True, empty=False,
+        "fractions",
+        values,
+        rule="numbers in (0, 1]",
+        ok=lambda v: 0.0 < v <= 1.0,
+        ordered=True,
+        empty=False,
     )
 
 
@@ -280,8 +285,12 @@ def check_multipliers(values: Iterable[Any]) -> tuple[float, ...]:
         CNAError: otherwise (the message repeats the list).
     """
     return check_numbers(
-        "multipliers", values, rule="finite numbers >= 0", ok=lambda v: v >= 0.0,
-        ordered=True, empty=False,
+        "multipliers",
+        values,
+        rule="finite numbers >= 0",
+        ok=lambda v: v >= 0.0,
+        ordered=True,
+        empty=False,
     )
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence

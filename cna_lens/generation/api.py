@@ -141,8 +141,10 @@ def generate_many(
     )
     opened = open_backend(model, backend) if isinstance(backend, str) else backend
     units = len(distinct) * len(batches)
-    bar = progress if isinstance(progress, Progress) else Progress(
-        units, "generate", enabled=bool(progress)
+    bar = (
+        progress
+        if isinstance(progress, Progress)
+        else Progress(units, "generate", enabled=bool(progress))
     )
     try:
         ids, seconds = opened.run(batches, list(distinct.values()), dec, on_pass=bar.advance)
@@ -169,16 +171,15 @@ def generate_many(
 
 
 def _single(
-    circuit: Circuit | None,
-    multiplier: Real,
-    negative_multiplier: Real | None,
-    positions: Positions | str,
-    steering: Any,
+    circuit: Any, multiplier: Any, negative_multiplier: Any, positions: Any, steering: Any
 ) -> Any:
     """The one condition of :func:`generate`'s arguments."""
     if steering is not None:
-        if circuit is not None or multiplier != 1.0 or negative_multiplier is not None or (
-            positions != "all"
+        if (
+            circuit is not None
+            or multiplier != 1.0
+            or negative_multiplier is not None
+            or (positions != "all")
         ):
             raise CNAError(
                 "pass either steering=... or circuit=/multiplier=/negative_multiplier=/"

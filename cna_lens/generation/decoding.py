@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from cna_lens._validate import Integral, Real, check_bool, check_int, check_real
+from cna_lens._validate import check_bool, check_int, check_real
 from cna_lens.errors import CNAError
 
 __all__ = ["Decoding", "Generations", "cut_at_eos", "eos_ids"]
@@ -29,15 +29,16 @@ class Decoding:
         Decoding(max_new_tokens=8, batch_size=16, do_sample=False, temperature=1.0, top_p=None, seed=None)
     """
 
-    # __post_init__ checks and converts every field with CNAError messages.
+    # __post_init__ checks every field with CNAError messages and converts numbers of any
+    # numeric type (np.int64, ...) to int / float.
     __no_type_check__ = True
 
-    max_new_tokens: Integral = 64
-    batch_size: Integral = 16
+    max_new_tokens: int = 64
+    batch_size: int = 16
     do_sample: bool = False
-    temperature: Real = 1.0
-    top_p: Real | None = None
-    seed: Integral | None = None
+    temperature: float = 1.0
+    top_p: float | None = None
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -109,6 +110,4 @@ def eos_ids(model: Any) -> list[int]:
 def cut_at_eos(ids: Sequence[Sequence[int]], eos: Sequence[int]) -> list[list[int]]:
     """Each row up to (excluding) its first EOS token."""
     stop = set(eos)
-    return [
-        list(row[: next((i for i, t in enumerate(row) if t in stop), len(row))]) for row in ids
-    ]
+    return [list(row[: next((i for i, t in enumerate(row) if t in stop), len(row))]) for row in ids]

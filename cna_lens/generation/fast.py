@@ -106,7 +106,9 @@ class _GroupHook:
     values are those of a batch of that condition alone); ``post`` hooks read a module's
     output, the others its first input."""
 
-    def __init__(self, groups: _Groups, fns: dict[int, list[Callable[[Tensor], Tensor]]], post: bool):
+    def __init__(
+        self, groups: _Groups, fns: dict[int, list[Callable[[Tensor], Tensor]]], post: bool
+    ):
         self.groups = groups
         self.fns = fns
         self.post = post

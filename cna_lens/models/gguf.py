@@ -145,7 +145,7 @@ def load_gguf(
     folder, name = str(info.path.parent), info.path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CNAError(
             f"transformers could not load {str(info.path)!r} "

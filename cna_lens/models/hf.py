@@ -52,10 +52,10 @@ def plain_model(
     """
     from transformers import AutoModelForCausalLM
 
-    config = copy.deepcopy(source.config)
+    config: Any = copy.deepcopy(getattr(source, "config"))  # noqa: B009 - an nn.Module attribute
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
-    attn = attn_implementation or getattr(source.config, "_attn_implementation", None) or "eager"
+    attn = attn_implementation or getattr(config, "_attn_implementation", None) or "eager"
     first = next(source.parameters())
     hf = AutoModelForCausalLM.from_config(config, dtype=first.dtype, attn_implementation=attn)
     if getattr(source, "generation_config", None) is not None:

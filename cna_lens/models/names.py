@@ -18,7 +18,7 @@ from cna_lens.models.loading import load_model
 __all__ = ["load_named", "resolve_model"]
 
 
-def resolve_model(name: str) -> str:
+def resolve_model(name: str) -> Any:
     """A loadable path (or hub name) for a model name.
 
     ``organism:instruct`` / ``organism:base`` give the shipped organism; ``zoo:NAME``
@@ -29,8 +29,8 @@ def resolve_model(name: str) -> str:
         CNAError: an unknown organism kind, or a zoo model that is unknown or not
             installed (the message gives the install command).
     """
-    if not isinstance(name, str) or not name.strip():
-        raise CNAError(f"model name must be a non-empty string, got {name!r}")
+    if not isinstance(name, str):
+        return name  # load_model says what a model name must be
     if name.startswith("zoo:"):
         return zoo.resolve(name)
     if name.startswith("organism:"):
@@ -38,9 +38,7 @@ def resolve_model(name: str) -> str:
         try:
             return str(organism.path(kind))
         except (FileNotFoundError, ValueError) as exc:
-            raise CNAError(
-                f"{name!r}: {exc}; valid: organism:instruct, organism:base"
-            ) from exc
+            raise CNAError(f"{name!r}: {exc}; valid: organism:instruct, organism:base") from exc
     return name
 
 

@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from cna_lens._validate import Integral, check_real
 from cna_lens.errors import CNAError
+from cna_lens.models.loading import tokenize_prompts, validate_prompts
 from cna_lens.steering.conditions import IDENTITY, HookOp, register_condition
 from cna_lens.steering.hooks import hooked
-from cna_lens.models.loading import tokenize_prompts, validate_prompts
 
 __all__ = [
     "CAA",
@@ -201,6 +201,10 @@ class CAA:
         >>> generate(model, prompts, steering=CAA(vectors, -1.0))  # doctest: +SKIP
     """
 
+    # __post_init__ checks the fields with CNAError messages (a runtime type checker
+    # checking __init__ first would pre-empt them).
+    __no_type_check__ = True
+
     vectors: CAAVectors
     alpha: float
     layers: tuple[int, ...] | None = None
@@ -244,9 +248,7 @@ def _caa_key(caa: CAA) -> tuple[Any, ...]:
     return ("caa", digest, caa.alpha, caa.layers)
 
 
-register_condition(
-    CAA, ops=_caa_ops, key=_caa_key, describe=lambda c: f"CAA alpha={c.alpha:g}"
-)
+register_condition(CAA, ops=_caa_ops, key=_caa_key, describe=lambda c: f"CAA alpha={c.alpha:g}")
 
 
 @contextmanager

@@ -163,6 +163,4 @@ def _describe_steering(s: Steering) -> str:
     return f"{s.intervention} m={s.multiplier:g}{neg} {s.sign} k={len(s.circuit)}"
 
 
-register_condition(
-    Steering, ops=_steering_ops, key=lambda s: s.key, describe=_describe_steering
-)
+register_condition(Steering, ops=_steering_ops, key=lambda s: s.key, describe=_describe_steering)

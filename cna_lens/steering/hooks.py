@@ -85,8 +85,8 @@ class Clock:
             length = int(ids.shape[-2]) if ids is not None else 0
         else:
             length = int(ids.shape[-1])
-        past = kwargs.get("past_key_values")
-        start = int(past.get_seq_length()) if hasattr(past, "get_seq_length") else 0
+        seq_length = getattr(kwargs.get("past_key_values"), "get_seq_length", None)
+        start = int(seq_length()) if seq_length is not None else 0
         self.observe(start, length)
 
     @contextmanager

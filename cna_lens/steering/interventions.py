@@ -435,8 +435,10 @@ def check_strength(
         CNAError: a multiplier that is not a finite real number, or unknown ``positions``.
     """
     m = check_real("multiplier", multiplier)
-    neg = None if negative_multiplier is None else check_real(
-        "negative_multiplier", negative_multiplier
+    neg = (
+        None
+        if negative_multiplier is None
+        else check_real("negative_multiplier", negative_multiplier)
     )
     check_choice("positions", positions, get_args(Positions))
     return m, neg
@@ -517,7 +519,7 @@ def check_fits_dtype(steering: Steering, dtype: torch.dtype) -> None:
         ("multiplier", steering.multiplier),
         ("negative_multiplier", steering.negative_multiplier),
     ):
-        if m is not None and abs(m) > limit:
+        if m is not None and abs(float(m)) > limit:
             raise CNAError(
                 f"{name}={m:g} overflows the model's dtype {dtype} (largest finite "
                 f"value {limit:g}); choose |{name}| <= {limit:g}"

@@ -34,7 +34,6 @@ from cna_lens.models.loading import (
     tokenize_prompts,
     validate_prompts,
 )
-
 from cna_lens.steering import steer
 from cna_lens.steering.bake import _weight_of, down_projection
 from cna_lens.viz.explore import (

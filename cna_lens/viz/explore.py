@@ -39,8 +39,8 @@ from cna_lens.errors import CNAError
 from cna_lens.models.loading import (
     MLP_HOOK,
     PromptList,
-    pad_id,
     mlp_hook_names,
+    pad_id,
     tokenize_prompts,
     validate_prompts,
 )

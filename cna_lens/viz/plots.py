@@ -14,9 +14,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from cna_lens.core.analysis import Overlap, Stability
 from cna_lens.core.circuit import Circuit
 from cna_lens.errors import CNAError
-from cna_lens.core.analysis import Overlap, Stability
 from cna_lens.evaluation.engine import summarize
 
 __all__ = [
@@ -342,9 +342,7 @@ def dose_figure(
         if c not in results.columns
     ]
     if missing:
-        raise CNAError(
-            f"expected a dose sweep table (cna_lens.sweep); missing {missing}"
-        )
+        raise CNAError(f"expected a dose sweep table (cna_lens.sweep); missing {missing}")
     sets = (
         list(prompt_sets) if prompt_sets is not None else list(dict.fromkeys(results["prompt_set"]))
     )

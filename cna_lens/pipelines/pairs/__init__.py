@@ -26,7 +26,6 @@ Example:
     >>> model = cna_lens.load_model(tuned)
 """
 
-
 from __future__ import annotations
 
 from pathlib import Path

@@ -9,7 +9,15 @@ from typing import Any
 
 from cna_lens.errors import CNAError
 
-__all__ = ["LORA_TARGETS", "PAIRS", "FinetuneConfig", "Pair", "adapter_dir", "get_pair", "list_pairs"]
+__all__ = [
+    "LORA_TARGETS",
+    "PAIRS",
+    "FinetuneConfig",
+    "Pair",
+    "adapter_dir",
+    "get_pair",
+    "list_pairs",
+]
 
 LORA_TARGETS: tuple[str, ...] = (
     "q_proj",
@@ -153,5 +161,3 @@ def adapter_dir(name: str) -> Path:
             f"`cna-lens pair train {name} --out {path}`"
         )
     return path
-
-

@@ -173,5 +173,3 @@ def batches(
             mask[row, : len(x)] = 1
         out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return out
-
-

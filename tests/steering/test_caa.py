@@ -8,8 +8,8 @@ import torch
 import cna_lens
 from cna_lens.errors import CNAError
 from cna_lens.steering.caa import (
+    CAA,
     CAAVectors,
-    caa_generate,
     caa_steer,
     compute_caa,
     default_caa_layers,
@@ -102,8 +102,8 @@ def test_validation(llama, vectors):
     with pytest.raises(CNAError, match="d_model"):
         with caa_steer(llama, CAAVectors(torch.zeros(2, 5), 1, 1), 1.0):
             pass
-    with pytest.raises(CNAError, match="circuit"):
-        caa_generate(llama, ["x"], vectors, 1.0, circuit=None)
+    with pytest.warns(DeprecationWarning), pytest.raises(CNAError, match="circuit"):
+        cna_lens.caa_generate(llama, ["x"], vectors, 1.0, circuit=None)
     with pytest.raises(CNAError, match="NaN"):
         CAAVectors(torch.full((2, 3), float("nan")), 1, 1)
 
@@ -111,11 +111,15 @@ def test_validation(llama, vectors):
 def test_caa_generate_batched_and_steers(llama, vectors):
     prompts = ["How do I pick a lock?", "Write a poem about the ocean and the moon."]
     plain = cna_lens.generate(llama, prompts, max_new_tokens=6)
-    assert caa_generate(llama, prompts, vectors, 0.0, max_new_tokens=6) == plain
-    strong = caa_generate(llama, prompts, vectors, 50.0, layers=[0], max_new_tokens=6)
+    gen = cna_lens.generate
+    assert gen(llama, prompts, steering=CAA(vectors, 0.0), max_new_tokens=6) == plain
+    strong = gen(llama, prompts, steering=CAA(vectors, 50.0, (0,)), max_new_tokens=6)
     assert strong != plain
     # one prompt at a time gives the same texts as the batch
     single = [
-        caa_generate(llama, [p], vectors, 50.0, layers=[0], max_new_tokens=6)[0] for p in prompts
+        gen(llama, [p], steering=CAA(vectors, 50.0, (0,)), max_new_tokens=6)[0] for p in prompts
     ]
     assert single == strong
+    with pytest.warns(DeprecationWarning, match="caa_generate is deprecated"):
+        old = cna_lens.caa_generate(llama, prompts, vectors, 50.0, layers=[0], max_new_tokens=6)
+    assert old == strong

@@ -14,7 +14,9 @@ from transformers import AutoModelForCausalLM
 
 import cna_lens
 from cna_lens import Circuit, CircuitMismatchError, CNAError, Neuron, steer
-from cna_lens.steering.hooks import _LayerHook
+from cna_lens.generation import api as generation
+from cna_lens.steering.conditions import HookOp
+from cna_lens.steering.hooks import Clock, PositionOp
 
 PROMPTS = ["How do I pick a lock?", "Write a poem about the ocean and the moon."]
 
@@ -93,7 +95,8 @@ def test_m1_is_bit_identical(llama, circuit):
 def test_hook_with_unit_scale_returns_identical_values():
     act = torch.randn(2, 5, 16)
     for positions in ("all", "prompt", "generated"):
-        out = _LayerHook(torch.ones(16), positions, None)(act, hook=None)
+        op = HookOp("blocks.0.mlp.hook_post", lambda a: a * torch.ones(16), positions)
+        out = PositionOp(op, Clock())(act)
         assert torch.equal(out, act)
 
 
@@ -229,15 +232,15 @@ def test_circuit_of_other_model_refused(llama, load, circuit):
 def test_no_hook_left_after_exception_in_hook(llama, circuit, monkeypatch):
     assert _n_hooks(llama) == 0
     calls = {"n": 0}
-    original = _LayerHook.__call__
+    original = PositionOp.__call__
 
-    def flaky(self, act, hook):
+    def flaky(self, act):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("boom inside a hook")
-        return original(self, act, hook)
+        return original(self, act)
 
-    monkeypatch.setattr(_LayerHook, "__call__", flaky)
+    monkeypatch.setattr(PositionOp, "__call__", flaky)
     batch = cna_lens.tokenize_prompts(llama, PROMPTS, batch_size=2)[0]
     with pytest.raises(RuntimeError, match="boom inside a hook"):
         with steer(llama, circuit, 0.0):
@@ -326,11 +329,11 @@ def test_multiplier_that_overflows_the_dtype_is_refused(llama, circuit):
             pass
     with pytest.raises(CNAError, match="overflows the model's dtype"):
         cna_lens.generate(llama, PROMPTS, circuit=circuit, multiplier=-1e39, max_new_tokens=1)
-    from cna_lens.steering.hooks import SteeringConfig, check_fits_dtype
+    from cna_lens.steering.interventions import check_fits_dtype
 
     with pytest.raises(CNAError, match=r"torch.float16 \(largest finite value 65504\)"):
-        check_fits_dtype(SteeringConfig(multiplier=1e5), torch.float16)
-    check_fits_dtype(SteeringConfig(multiplier=6e4), torch.float16)
+        check_fits_dtype(cna_lens.Steering(circuit=circuit, multiplier=1e5), torch.float16)
+    check_fits_dtype(cna_lens.Steering(circuit=circuit, multiplier=6e4), torch.float16)
     assert _n_hooks(llama) == 0
 
 
@@ -346,11 +349,9 @@ def test_multiplier_that_overflows_the_dtype_is_refused(llama, circuit):
     ],
 )
 def test_bad_generate_arguments_are_refused(llama, kwargs, match):
-    from cna_lens.steering import hooks as steering
-
     # unwrapped: the library's own checks, as users run it (without the test suite's
     # runtime type checker, which would refuse some of these first with a TypeError)
-    raw_generate = inspect.unwrap(steering.generate_token_ids)
+    raw_generate = inspect.unwrap(generation.generate_token_ids)
     with pytest.raises(CNAError, match=match):
         raw_generate(llama, PROMPTS, **{"max_new_tokens": 2, **kwargs})
     assert _n_hooks(llama) == 0
@@ -360,7 +361,7 @@ def test_bad_steer_arguments_are_refused(llama, circuit):
     from cna_lens.steering import hooks as steering
 
     raw_steer = inspect.unwrap(steering.steer)  # the library's own checks, as users run it
-    raw_generate = inspect.unwrap(steering.generate_token_ids)
+    raw_generate = inspect.unwrap(generation.generate_token_ids)
     with pytest.raises(CNAError, match=r"circuit must be a cna_lens Circuit .*, got NoneType"):
         with contextlib.contextmanager(raw_steer)(llama, None, 0.0):
             pass
@@ -441,3 +442,31 @@ def test_generate_equals_greedy_decoding_without_a_kv_cache(llama):
             if int(nxt) == llama.tokenizer.eos_token_id:
                 break
         assert text == llama.tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("positions", ["generated", "prompt"])
+def test_a_reused_context_starts_every_new_sequence_at_position_zero(llama, circuit, positions):
+    """A ``steer(positions=...)`` context reused for a second generation used to steer the
+    wrong positions unless ``handle.reset()`` was called; now every uncached pass starts a
+    new sequence by itself (HF ``generate`` and plain forward passes alike)."""
+    batch = cna_lens.tokenize_prompts(llama, THREE, batch_size=3)[0]
+
+    def hf_generate() -> torch.Tensor:
+        return llama.original_model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=llama.tokenizer.eos_token_id,
+        )
+
+    plain = hf_generate()
+    with steer(llama, circuit, -40.0, positions=positions):
+        first, second = hf_generate(), hf_generate()
+        logits_a, logits_b = _logits(llama, batch), _logits(llama, batch)
+    with steer(llama, circuit, -40.0, positions=positions):
+        fresh = hf_generate()
+    assert not torch.equal(first, plain)  # the steering does something: the test can fail
+    assert torch.equal(first, second) and torch.equal(second, fresh)
+    assert torch.equal(logits_a, logits_b)
+    assert _n_hooks(llama) == 0

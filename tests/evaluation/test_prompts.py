@@ -64,7 +64,7 @@ def test_every_shipped_file_is_a_named_set_and_is_packaged():
     assert sorted(p.stem for p in data.glob("*.json")) == sorted(ps.PROMPT_SETS)
     assert all(ps.path(name).is_file() for name in ps.PROMPT_SETS)
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     assert "data/prompts/*.json" in pyproject["tool"]["setuptools"]["package-data"]["cna_lens"]
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import pytest
 
+from cna_lens.core.analysis import Stability, circuit_overlap
 from cna_lens.core.circuit import Circuit
 from cna_lens.errors import CNAError
-from cna_lens.core.analysis import Stability, circuit_overlap
-from cna_lens.evaluation.metrics import score_generations
+from cna_lens.evaluation import score_generations
 from cna_lens.viz import figures as figures
 from cna_lens.viz.plots import (
     capability_figure,

@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import NEGATIVE, POSITIVE
 
+from cna_lens import generate_token_ids, steer
 from cna_lens.core.circuit import Circuit, Neuron, Provenance
 from cna_lens.errors import CircuitMismatchError, CNAError
 from cna_lens.models.loading import tokenize_prompts
 from cna_lens.models.testing import ARCHITECTURES
 from cna_lens.steering.bake import bake, bake_, down_projection, export_steered, steered_hf_model
-from cna_lens.steering.hooks import generate_token_ids, steer
 
 TOL = 1e-5
 

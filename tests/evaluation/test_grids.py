@@ -14,8 +14,9 @@ from conftest import NEGATIVE, POSITIVE
 import cna_lens
 from cna_lens import CNAError, Steering, organism
 from cna_lens.cli import main
-from cna_lens.evaluation.grids import COLUMNS, check_fractions, check_multipliers, dose_figure
+from cna_lens.evaluation.grids import COLUMNS, check_fractions, check_multipliers
 from cna_lens.evaluation.metrics import is_refusal, output_quality
+from cna_lens.viz import dose_figure
 
 
 @pytest.mark.parametrize(
@@ -75,16 +76,17 @@ SETS = {
 
 
 def test_sweep_on_the_organism(instruct, found, monkeypatch):
-    from cna_lens.steering import hooks as steering
+    from cna_lens.generation import bridge
+    from cna_lens.steering import is_identity
 
     calls = []
-    real = steering.generate_token_ids
+    real = bridge.hooked
 
-    def counting(model, prompts, **kw):
-        calls.append(kw.get("steering"))
-        return real(model, prompts, **kw)
+    def counting(model, condition, **kw):
+        calls.append(condition)
+        return real(model, condition, **kw)
 
-    monkeypatch.setattr(steering, "generate_token_ids", counting)
+    monkeypatch.setattr(bridge, "hooked", counting)
     table = cna_lens.sweep(
         instruct,
         found,
@@ -94,16 +96,16 @@ def test_sweep_on_the_organism(instruct, found, monkeypatch):
         interventions=("scale", "mean"),
         signs=("both", "positive"),
         max_new_tokens=8,
-        fast=False,
-    )  # counts the obvious path's calls
+        backend="bridge",
+    )  # counts the reference backend's conditions
     assert list(table.columns) == COLUMNS
     assert len(table) == 2 * 2 * 2 * 2 * len(SETS)
     assert sorted(set(table["k"])) == [15, 31]  # 0.5% and 1% of 3,072 neurons
     identity = table[table["multiplier"] == 1.0]
     assert identity["identity"].all() and (~table[table["multiplier"] == 0.0]["identity"]).all()
-    # the unsteered model ran once (one call per prompt set); 8 steered conditions ran once each
-    assert sum(c is None for c in calls) == len(SETS)
-    assert len(calls) == (1 + 8) * len(SETS)
+    # the unsteered model ran once; 8 steered conditions ran once each (all sets together)
+    assert sum(is_identity(c) for c in calls) == 1
+    assert len(calls) == 1 + 8
     assert identity["reused"].sum() == len(identity) - len(SETS)
     assert (table[table["reused"]]["seconds"] == 0.0).all()
     for pset in SETS:

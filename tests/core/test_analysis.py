@@ -7,8 +7,6 @@ import random
 import pytest
 import torch
 
-from cna_lens.core.circuit import Circuit, Neuron, select_top_k
-from cna_lens.errors import CNAError
 from cna_lens.core.analysis import (
     bootstrap_stability,
     chance_intersection,
@@ -17,6 +15,8 @@ from cna_lens.core.analysis import (
     layer_distribution,
     random_control_circuit,
 )
+from cna_lens.core.circuit import Circuit, Neuron, select_top_k
+from cna_lens.errors import CNAError
 
 
 def _circuit(pairs, n_layers=8, d_mlp=16):

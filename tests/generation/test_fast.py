@@ -1,5 +1,5 @@
-"""Fast generation: exactly the token ids of the obvious path (one steered ``generate`` per
-condition through the bridge), for every intervention form, with no hook left behind and
+"""The fast backend: exactly the token ids of the bridge backend (one steered ``generate``
+per condition through the bridge), for every condition kind, with no hook left behind and
 the bridge's weights untouched."""
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ import torch
 import cna_lens
 from cna_lens import CNAError, Steering, organism
 from cna_lens.core.analysis import random_control_circuit
-from cna_lens.evaluation.grids import sweep as dose_sweep
-from cna_lens.evaluation.metrics import sweep
-from cna_lens.generation.fast import Condition, FastGenerator, _GroupHook
-from cna_lens.steering.caa import caa_generate, compute_caa
-from cna_lens.steering.hooks import generate_token_ids
+from cna_lens.evaluation import dose_sweep, sweep
+from cna_lens.generation import FastBackend, generate_many, generate_token_ids
+from cna_lens.generation.fast import _GroupHook
+from cna_lens.steering.caa import CAA, compute_caa
 from cna_lens.steering.interventions import _REGISTRY, Intervention
 
 PROMPTS = [
@@ -34,7 +33,7 @@ def _n_hooks(model) -> int:
     return sum(len(hp._forward_hooks) for hp in points.values())
 
 
-def _n_plain_hooks(gen: FastGenerator) -> int:
+def _n_plain_hooks(gen: FastBackend) -> int:
     """Steering hooks on the plain model (transformers adds output-recording hooks of its
     own on the first forward pass; those are not counted)."""
     assert gen.hf is not None
@@ -65,9 +64,11 @@ def test_fast_ids_equal_obvious_ids(arch, load, circuits):
     ]
     obvious = [generate_token_ids(model, PROMPTS, steering=s, **KW) for s in steerings]
     assert len({str(o) for o in obvious}) > 1  # steering changes the ids: the test can fail
-    with FastGenerator(model) as gen:
-        single = [gen.generate_token_ids(PROMPTS, s, **KW) for s in steerings]
-        many = gen.generate_many_token_ids(PROMPTS, [Condition(s) for s in steerings], **KW)
+    with FastBackend(model) as gen:
+        single = [
+            generate_token_ids(model, PROMPTS, steering=s, backend=gen, **KW) for s in steerings
+        ]
+        many = generate_many(model, PROMPTS, steerings, backend=gen, **KW).token_ids
         assert _n_plain_hooks(gen) == 0
     assert single == obvious
     assert many == obvious
@@ -76,8 +77,8 @@ def test_fast_ids_equal_obvious_ids(arch, load, circuits):
 
 def test_fast_texts_equal_generate_texts(llama, circuits):
     s = Steering(circuit=circuits["llama"], multiplier=0.0)
-    with FastGenerator(llama) as gen:
-        assert gen.generate(PROMPTS, s, **KW) == cna_lens.generate(llama, PROMPTS, steering=s, **KW)
+    fast = cna_lens.generate(llama, PROMPTS, steering=s, backend="fast", **KW)
+    assert fast == cna_lens.generate(llama, PROMPTS, steering=s, **KW)
 
 
 def test_random_control_and_mean_intervention(llama, circuits):
@@ -86,37 +87,36 @@ def test_random_control_and_mean_intervention(llama, circuits):
         Steering(circuit=control, multiplier=0.0),
         Steering(circuit=circuits["llama"], intervention="mean", multiplier=0.0),
     ]
-    with FastGenerator(llama) as gen:
+    with FastBackend(llama) as gen:
         for s in steerings:
-            assert gen.generate_token_ids(PROMPTS, s, **KW) == generate_token_ids(
-                llama, PROMPTS, steering=s, **KW
+            assert generate_token_ids(llama, PROMPTS, steering=s, backend=gen, **KW) == (
+                generate_token_ids(llama, PROMPTS, steering=s, **KW)
             )
 
 
-def test_caa_equals_caa_generate(llama):
+def test_caa_equals_the_bridge_backend(llama):
     caa = compute_caa(llama, PROMPTS[:4], PROMPTS[4:])
-    with FastGenerator(llama) as gen:
-        texts = gen.generate_many(
-            PROMPTS, [Condition(None, a) for a in (-2.0, 0.0, 4.0)], caa=caa, caa_layers=[1], **KW
-        )
-    for alpha, fast in zip((-2.0, 0.0, 4.0), texts, strict=True):
-        assert fast == caa_generate(llama, PROMPTS, caa, alpha, layers=[1], **KW)
+    conditions = [CAA(caa, a, (1,)) for a in (-2.0, 0.0, 4.0)]
+    texts = generate_many(llama, PROMPTS, conditions, backend="fast", **KW).texts
+    for condition, fast in zip(conditions, texts, strict=True):
+        assert fast == cna_lens.generate(llama, PROMPTS, steering=condition, **KW)
     assert texts[0] != texts[1]
     assert _n_hooks(llama) == 0
 
 
 def test_dropping_finished_rows_changes_nothing(llama, circuits):
     s = Steering(circuit=circuits["llama"], multiplier=2.0)
-    with FastGenerator(llama, compact=False) as full, FastGenerator(llama, min_rows=1) as tight:
-        assert full.generate_token_ids(PROMPTS, s, max_new_tokens=24, batch_size=7) == (
-            generate_token_ids(llama, PROMPTS, steering=s, max_new_tokens=24, batch_size=7)
+    with FastBackend(llama, compact=False) as full, FastBackend(llama, min_rows=1) as tight:
+        kw = dict(steering=s, max_new_tokens=24, batch_size=7)
+        assert generate_token_ids(llama, PROMPTS, backend=full, **kw) == (
+            generate_token_ids(llama, PROMPTS, **kw)
         )
         assert full.compact is False
         # which rows go on: unfinished ones, topped up to min_rows, in batch order
         active = torch.tensor([False, True, False, False, True, False])
         assert tight._rows_to_keep(active).tolist() == [1, 4]
         assert full._rows_to_keep(active) is None
-    with FastGenerator(llama) as gen:
+    with FastBackend(llama) as gen:
         assert gen._rows_to_keep(active).tolist() == [0, 1, 2, 4]
         assert gen._rows_to_keep(torch.tensor([True, False, False, False])) is None
 
@@ -137,19 +137,19 @@ def test_organism_texts_equal(circuits):
     steerings.append(Steering(circuit=circuit, multiplier=0.0, sign="positive"))
     kw = dict(max_new_tokens=24, batch_size=8)
     obvious = [cna_lens.generate(model, prompts, steering=s, **kw) for s in steerings]
-    with FastGenerator(model) as gen:
-        fast = gen.generate_many(prompts, [Condition(s) for s in steerings], **kw)
+    fast = generate_many(model, prompts, steerings, backend="fast", **kw).texts
     assert fast == obvious
     assert obvious[0] != obvious[1]  # ablating the circuit changes the organism's answers
 
 
 def test_bridge_weights_shared_and_untouched(llama, circuits):
     before = {n: p.detach().clone() for n, p in llama.original_model.named_parameters()}
-    with FastGenerator(llama) as gen:
+    with FastBackend(llama) as gen:
         bridge_ptrs = {p.data_ptr() for p in llama.original_model.parameters()}
         assert gen.hf is not None
         assert {p.data_ptr() for p in gen.hf.parameters()} <= bridge_ptrs  # shared, no copy
-        gen.generate(PROMPTS, Steering(circuit=circuits["llama"], multiplier=0.0), **KW)
+        s = Steering(circuit=circuits["llama"], multiplier=0.0)
+        cna_lens.generate(llama, PROMPTS, steering=s, backend=gen, **KW)
     for n, p in llama.original_model.named_parameters():
         assert torch.equal(p, before[n]), n
     assert gen.hf is None  # closed
@@ -162,30 +162,33 @@ def test_no_hook_left_after_exception(llama, circuits, monkeypatch):
     # registered for this test only (the registry is global)
     monkeypatch.setitem(_REGISTRY, "fastgen_boom", Intervention("fastgen_boom", boom))
     s = Steering(circuit=circuits["llama"], intervention="fastgen_boom", multiplier=0.0)
-    with FastGenerator(llama) as gen:
+    with FastBackend(llama) as gen:
         with pytest.raises(RuntimeError, match="boom"):
-            gen.generate(PROMPTS, s, **KW)
+            cna_lens.generate(llama, PROMPTS, steering=s, backend=gen, **KW)
         assert _n_plain_hooks(gen) == 0
     assert _n_hooks(llama) == 0
 
 
 def test_bad_arguments_refused(llama, load, circuits):
-    gen = FastGenerator(llama)
+    gen = FastBackend(llama)
     with pytest.raises(CNAError, match="max_new_tokens"):
-        gen.generate(PROMPTS, max_new_tokens=0)
-    with pytest.raises(CNAError, match="no caa vectors"):
-        gen.generate(PROMPTS, caa_alpha=1.0)
+        cna_lens.generate(llama, PROMPTS, backend=gen, max_new_tokens=0)
+    with pytest.raises(CNAError, match="vectors must be CAAVectors"):
+        CAA(None, 1.0)
     with pytest.raises(CNAError, match="no conditions"):
-        gen.generate_many(PROMPTS, [])
-    with pytest.raises(CNAError, match="caa_alpha"):
-        Condition(None, float("nan"))
+        generate_many(llama, PROMPTS, [], backend=gen)
+    with pytest.raises(CNAError, match="alpha must be finite"):
+        CAA(compute_caa(llama, PROMPTS[:2], PROMPTS[2:4]), float("nan"))
     with pytest.raises(CNAError, match="min_rows"):
-        FastGenerator(llama, min_rows=0)
+        FastBackend(llama, min_rows=0)
+    with pytest.raises(CNAError, match="greedily"):
+        cna_lens.generate(llama, PROMPTS, backend=gen, do_sample=True)
     with pytest.raises(cna_lens.CircuitMismatchError):
-        FastGenerator(load("qwen2")).generate(PROMPTS, Steering(circuit=circuits["llama"]))
+        s = Steering(circuit=circuits["llama"])
+        cna_lens.generate(load("qwen2"), PROMPTS, steering=s, backend="fast")
     gen.close()
     with pytest.raises(CNAError, match="closed"):
-        gen.generate(PROMPTS)
+        cna_lens.generate(llama, PROMPTS, backend=gen)
 
 
 def test_evaluation_sweep_fast_equals_obvious(llama, circuits):
@@ -199,10 +202,11 @@ def test_evaluation_sweep_fast_equals_obvious(llama, circuits):
         batch_size=4,
     )
     sets = {"harmful": PROMPTS[:4], "benign": PROMPTS[4:]}
-    seen: list[tuple[str, float]] = []
-    fast = sweep(llama, sets, on_condition=lambda m, s: seen.append((m, s)), **kw)
-    obvious = sweep(llama, sets, fast=False, **kw)
-    assert fast.equals(obvious)
+    fast = sweep(llama, sets, **kw)
+    obvious = sweep(llama, sets, backend="bridge", **kw)
+    cols = [c for c in fast.columns if c != "seconds"]
+    assert fast[cols].equals(obvious[cols])
+    seen = list(dict.fromkeys(zip(fast["method"], fast["strength"], strict=True)))
     assert seen == [
         ("cna", 0.0),
         ("cna", 1.0),
@@ -226,7 +230,7 @@ def test_dose_sweep_fast_equals_obvious(llama):
     )
     sets = {"harmful": PROMPTS[:4], "benign": PROMPTS[4:]}
     fast = dose_sweep(llama, found, sets, **kw)
-    obvious = dose_sweep(llama, found, sets, fast=False, **kw)
+    obvious = dose_sweep(llama, found, sets, backend="bridge", **kw)
     cols = [c for c in fast.columns if c != "seconds"]
     assert fast[cols].equals(obvious[cols])
 

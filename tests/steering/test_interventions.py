@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_steering import PROMPTS, _hf_scaled_logits, _logits, _n_hooks
+from test_hooks import PROMPTS, _hf_scaled_logits, _logits, _n_hooks
 from transformers import AutoModelForCausalLM
 
 import cna_lens
@@ -178,7 +178,7 @@ def test_registered_intervention_is_one_function(llama, model_dirs, found):
         with pytest.raises(CNAError, match="already registered"):
             register_intervention("shift_test", shift)
     finally:
-        from cna_lens.steering import interventions as interventions
+        from cna_lens.steering import interventions
 
         interventions._REGISTRY.pop("shift_test")
 

@@ -10,7 +10,7 @@ import pytest
 
 import cna_lens
 from cna_lens.errors import CNAError
-from cna_lens.evaluation.metrics import (
+from cna_lens.evaluation import (
     EMPTY_QUALITY,
     CapabilityItem,
     capability_correct,
@@ -259,7 +259,7 @@ def test_sweep_validates():
 def test_content_shift_counts_changed_answers_and_their_similarity():
     import pandas as pd
 
-    from cna_lens.evaluation.metrics import content_shift
+    from cna_lens.evaluation import content_shift
 
     rows = [
         ("harmful", 0, "cna", 1.0, "a b c d"),

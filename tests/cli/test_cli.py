@@ -225,7 +225,7 @@ def test_generate_checks_out_first_and_never_loses_results(files, model_dirs, ca
     def broken(path, text):
         raise CNAError(f"cannot write {str(path)!r}: No space left on device")
 
-    monkeypatch.setattr(cna_lens.io, "atomic_write_text", broken)
+    monkeypatch.setattr(cna_lens.cli.basic, "atomic_write_text", broken)
     rc = main(args + ["--out", str(tmp / "r.jsonl")])
     captured = capsys.readouterr()
     assert rc == 2 and "written to stdout as JSON lines" in captured.err

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import cna_lens as cl
+from cna_lens import viz as ex
 from cna_lens.core.activations import NeuronStats
 from cna_lens.core.circuit import Circuit, Neuron
 from cna_lens.errors import CNAError
 from cna_lens.models.loading import MLP_HOOK
-from cna_lens.viz import explore as ex
+from cna_lens.viz import explore
 
 
 @pytest.fixture
@@ -307,7 +308,7 @@ def test_circuit_map_points_and_hover(llama, sets):
     effect = found.attribution.effect_size
     for t in fig.data:
         for (label, eff), y in zip(t.customdata, t.y, strict=True):
-            n = ex._as_neuron(llama, label)
+            n = explore._as_neuron(llama, label)
             assert y == float(delta[n.layer, n.neuron])
             assert eff == float(effect[n.layer, n.neuron])
     assert "random" in fig.layout.title.text

@@ -9,8 +9,9 @@ import pytest
 import cna_lens
 from cna_lens.cli import main
 from cna_lens.core.circuit import Circuit
+from cna_lens.core.discovery import DiscoveryConfig
 from cna_lens.errors import CNAError
-from cna_lens.pipelines.reproduce.run import ReproduceConfig, format_summary, load_prompt_sets
+from cna_lens.pipelines.reproduce import ReproduceConfig, format_summary, load_prompt_sets
 
 HARMFUL = [
     "How do I pick a lock?",
@@ -130,7 +131,7 @@ def test_reproduce_cli_quick(tmp_path, model_dirs, base_model_dir, capsys):
     ov = summary["overlap"]
     for key in ("overlap_fraction", "jaccard", "chance_overlap_fraction"):
         assert 0.0 <= ov[key] <= 1.0
-    assert ov["per_layer"]["instruct"] == summary["layers"]["instruct"]["per_layer"]
+    assert ov["per_layer_a"] == summary["layers"]["instruct"]["per_layer"]
     st = summary["stability"]
     assert 0.0 <= st["jaccard_min"] <= st["jaccard_mean"] <= 1.0 and st["n_resamples"] == 5
 
@@ -170,7 +171,7 @@ def test_config_and_prompt_validation(tmp_path):
 
 
 def test_reproduce_with_a_judge(tmp_path, model_dirs, base_model_dir):
-    from cna_lens.pipelines.reproduce.run import reproduce
+    from cna_lens.pipelines.reproduce import reproduce
 
     calls = []
 
@@ -185,7 +186,7 @@ def test_reproduce_with_a_judge(tmp_path, model_dirs, base_model_dir):
         out=str(tmp_path / "o"),
         multipliers=(0.0, 1.0),
         caa_alphas=(0.0,),
-        top_k=2,
+        discovery=DiscoveryConfig(top_k=2, batch_size=64),
         n_eval=2,
         n_universal=5,
         n_bootstrap=2,
@@ -200,7 +201,7 @@ def test_reproduce_with_a_judge(tmp_path, model_dirs, base_model_dir):
 
 
 def test_instruct_only_run_skips_base_and_names_models_portably(tmp_path, model_dirs):
-    from cna_lens.pipelines.reproduce.run import reproduce, resolve_models
+    from cna_lens.pipelines.reproduce import reproduce, resolve_models
     from cna_lens.pipelines.reproduce.summary import Summary
 
     cfg = ReproduceConfig(
@@ -209,7 +210,7 @@ def test_instruct_only_run_skips_base_and_names_models_portably(tmp_path, model_
         out=str(tmp_path / "o"),
         multipliers=(0.0, 1.0),
         caa_alphas=(0.0,),
-        top_k=2,
+        discovery=DiscoveryConfig(top_k=2, batch_size=64),
         n_eval=2,
         n_universal=5,
         n_bootstrap=2,
@@ -236,7 +237,7 @@ def test_instruct_only_run_skips_base_and_names_models_portably(tmp_path, model_
 
 def test_english_sets_are_the_default_for_other_models(model_dirs):
     from cna_lens.evaluation import prompts as prompt_sets
-    from cna_lens.pipelines.reproduce.run import load_inputs
+    from cna_lens.pipelines.reproduce import load_inputs
 
     inputs = load_inputs(ReproduceConfig(model=str(model_dirs["llama"]), n_eval=3))
     assert inputs.source == "english"
@@ -246,7 +247,7 @@ def test_english_sets_are_the_default_for_other_models(model_dirs):
 
 
 def test_bad_organism_kind_and_summary_errors():
-    from cna_lens.pipelines.reproduce.run import resolve_models
+    from cna_lens.pipelines.reproduce import resolve_models
     from cna_lens.pipelines.reproduce.summary import Summary
 
     with pytest.raises(CNAError, match="organism:instruct"):
@@ -256,7 +257,7 @@ def test_bad_organism_kind_and_summary_errors():
 
 
 def test_reproduce_refuses_a_foreign_non_empty_out_dir_before_loading(tmp_path, model_dirs):
-    from cna_lens.pipelines.reproduce.run import reproduce
+    from cna_lens.pipelines.reproduce import reproduce
 
     out = tmp_path / "mine"
     out.mkdir()
@@ -269,12 +270,17 @@ def test_reproduce_refuses_a_foreign_non_empty_out_dir_before_loading(tmp_path, 
     assert code == 2
 
 
-def test_score_reaches_the_discovery_config_and_conflicts_with_an_explicit_one(model_dirs):
-    from cna_lens.core.discovery import DiscoveryConfig
-    from cna_lens.pipelines.reproduce.run import discovery_config, load_inputs
+def test_score_reaches_the_discovery_config_and_conflicts_with_an_explicit_size(model_dirs):
+    from cna_lens.cli import _build_parser
+    from cna_lens.cli.reproduce import config_from_namespace
+    from cna_lens.pipelines.reproduce import discovery_config, load_inputs
 
-    cfg = ReproduceConfig(model=str(model_dirs["llama"]), score="effect_size", n_eval=2)
+    parser, _ = _build_parser()
+    args = ["reproduce", "--model", str(model_dirs["llama"]), "--score", "effect_size"]
+    cfg = config_from_namespace(parser.parse_args([*args, "--n-eval", "2"]))
     dcfg = discovery_config(cfg, load_inputs(cfg))
     assert dcfg.score == "effect_size" and dcfg.fraction == 0.001
-    with pytest.raises(CNAError, match="not both"):
-        ReproduceConfig(discovery=DiscoveryConfig(), score="effect_size")
+    organism = config_from_namespace(parser.parse_args(["reproduce", "--score", "effect_size"]))
+    assert organism.discovery.fraction == 0.01 and organism.discovery.score == "effect_size"
+    with pytest.raises(SystemExit):  # one size rule only: argparse says "not allowed with"
+        parser.parse_args(["reproduce", "--fraction", "0.01", "--top-k", "3"])

@@ -15,22 +15,23 @@ from cna_lens.evaluation import prompts as prompt_sets
 from cna_lens.evaluation.metrics import is_refusal
 from cna_lens.models import zoo as zoo
 from cna_lens.pipelines import pairs as pairs
-from cna_lens.pipelines.pairs import LORA_TARGETS, TrainConfig
+from cna_lens.pipelines.pairs import LORA_TARGETS, FinetuneConfig
+from cna_lens.pipelines.pairs.train import file_sha
 
-TINY = TrainConfig(
+TINY = FinetuneConfig(
     rank=2, epochs=1, batch_size=4, max_steps=2, teacher_tokens=4, n_harmful=4, n_benign=4
 )
 
 
 def test_train_config_round_trips_and_rejects_bad_values():
-    cfg = TrainConfig(rank=4, max_steps=3)
-    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    cfg = FinetuneConfig(rank=4, max_steps=3)
+    assert FinetuneConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(CNAError, match="rank"):
-        TrainConfig(rank=0)
+        FinetuneConfig(rank=0)
     with pytest.raises(CNAError, match="learning_rate"):
-        TrainConfig(learning_rate=float("nan"))
+        FinetuneConfig(learning_rate=float("nan"))
     with pytest.raises(CNAError, match="valid keys"):
-        TrainConfig.from_dict({"rnak": 4})
+        FinetuneConfig.from_dict({"rnak": 4})
 
 
 def test_every_taught_refusal_counts_as_a_refusal():
@@ -120,7 +121,7 @@ def test_shipped_adapter_is_small_complete_and_recorded():
     assert config["base_model_name_or_path"] == "zoo:smollm2-135m-instruct"
     record = json.loads((folder / "training.json").read_text())
     assert record["config"] == pairs.PAIRS["smollm2-refusal"].train.to_dict()
-    assert record["adapter_sha256"] == pairs._file_sha(weights)
+    assert record["adapter_sha256"] == file_sha(weights)
     b_mats = [v for k, v in load_file(weights).items() if "lora_B" in k]
     assert len(b_mats) == 30 * len(LORA_TARGETS) and all(v.abs().sum() > 0 for v in b_mats)
 
@@ -141,7 +142,7 @@ def test_reproduce_list_pairs_prints_one_name_per_line(capsys):
 
 
 def test_reproduce_config_pair_excludes_models_and_unknown_names():
-    from cna_lens.pipelines.reproduce.run import ReproduceConfig
+    from cna_lens.pipelines.reproduce import ReproduceConfig
 
     assert not ReproduceConfig(pair="smollm2-refusal").on_organism
     with pytest.raises(CNAError, match="not both"):
@@ -186,7 +187,7 @@ def test_behaviour_table_has_one_row_of_rates_per_model(model_dirs):
 def test_reproduce_pair_runs_the_tuned_model_as_instruct_and_the_untuned_as_base(monkeypatch):
     from cna_lens.pipelines.reproduce import run as reproduce
 
-    monkeypatch.setattr(pairs, "pair_paths", lambda name: ("/u/untuned", "/t/tuned"))
+    monkeypatch.setattr(reproduce, "pair_paths", lambda name: ("/u/untuned", "/t/tuned"))
     cfg = reproduce.ReproduceConfig(pair="smollm2-refusal")
     assert reproduce.resolve_models(cfg) == ("/t/tuned", "/u/untuned")
     assert reproduce.load_inputs(cfg).source == "english"

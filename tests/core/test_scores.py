@@ -12,9 +12,9 @@ from conftest import NEGATIVE, POSITIVE
 
 import cna_lens
 from cna_lens import Attribution, CNAError, DiscoveryConfig, NeuronStats
+from cna_lens.core.analysis import bootstrap_stability
 from cna_lens.core.discovery import circuit_from_attribution
 from cna_lens.core.scores import EFFECT_SIZE_EPS, SCORES, compute_score, register_score
-from cna_lens.core.analysis import bootstrap_stability
 
 
 def _acts(seed: int = 0):
