@@ -18,6 +18,8 @@ __all__ = [
     "Integral",
     "Real",
     "check_bool",
+    "check_layer_set",
+    "check_layers",
     "check_choice",
     "check_int",
     "check_numbers",
@@ -156,3 +158,46 @@ def check_numbers(
     if ordered and list(vals) != sorted(vals):
         raise CNAError(f"{name} must be sorted ascending, got {list(vals)}")
     return tuple(float(v) for v in vals)
+
+
+def check_layers(name: str, layers: Any, n_layers: int) -> tuple[int, ...]:
+    """``layers`` as a tuple of layer indices in ``[0, n_layers)`` (a list/tuple/range of ints).
+
+    Raises:
+        CNAError: not a sequence (a bare int, a string, None), a non-integer entry, or an
+            index out of range; the message names ``name``.
+    """
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple, range)):
+        raise CNAError(
+            f"{name} must be a list of layer indices (e.g. [0, 1]), got "
+            f"{type(layers).__name__} {layers!r:.60}"
+        )
+    out = []
+    for x in layers:
+        if (
+            isinstance(x, bool)
+            or not isinstance(x, numbers.Integral)
+            or not (0 <= int(x) < n_layers)
+        ):
+            raise CNAError(f"{name} has {x!r}; valid layers are 0..{n_layers - 1} (integers)")
+        out.append(int(x))
+    return tuple(out)
+
+
+def check_layer_set(
+    layers: Any, n_layers: int, *, what: str = "layers", hint: str = ""
+) -> tuple[int, ...]:
+    """The layers to act on: sorted, each once, at least one, all in ``[0, n_layers)``.
+
+    Raises:
+        CNAError: a bare int or string, an empty list, or a layer out of range.
+    """
+    if isinstance(layers, (int, str, bytes)):
+        raise CNAError(f"{what} must be a list of layer indices, got {layers!r}")
+    out = tuple(sorted({int(x) for x in layers}))
+    if not out:
+        raise CNAError(f"{what} is empty; give at least one layer in 0..{n_layers - 1}{hint}")
+    bad = [x for x in out if not 0 <= x < n_layers]
+    if bad:
+        raise CNAError(f"{what} {bad} out of range; valid layers are 0..{n_layers - 1}")
+    return out

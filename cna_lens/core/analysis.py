@@ -27,7 +27,11 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from cna_lens._validate import Integral, Real, check_int
-from cna_lens.core.circuit import Circuit, Neuron, Provenance, select_top_k
+from cna_lens.core.activations import NeuronStats, iter_activations
+from cna_lens.core.attribution import Attribution
+from cna_lens.core.circuit import Circuit, Neuron, Provenance
+from cna_lens.core.scores import compute_score, get_score
+from cna_lens.core.selection import select_top_k
 from cna_lens.errors import CNAError
 
 __all__ = [
@@ -339,8 +343,6 @@ def prompt_activations(
     model is ~50 MB), and what the bootstrap needs. Also gives the exact statistics:
     ``NeuronStats.of(acts)``.
     """
-    from cna_lens.core.activations import iter_activations
-
     rows: dict[int, Tensor] = {}
     for batch, acts in iter_activations(
         model, prompts, batch_size=batch_size, progress=progress, desc=desc
@@ -436,10 +438,6 @@ def bootstrap_stability(
     n_resamples = check_int("n_resamples", n_resamples, low=1)
     if top_k is not None:
         fraction = None
-    from cna_lens.core.activations import NeuronStats
-    from cna_lens.core.attribution import Attribution
-    from cna_lens.core.scores import compute_score, get_score
-
     get_score(score)  # an unknown name fails before any work
     pos = positive.to(torch.float64)
     neg = negative.to(torch.float64)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from cna_lens.core.activations import NeuronStats, activation_stats
 from cna_lens.errors import CNAError
-from cna_lens.models.loading import PromptList
+from cna_lens.models.loading import PromptList, validate_prompts
 
 __all__ = ["Attribution", "attribute", "contrast"]
 
@@ -87,8 +87,6 @@ def attribute(
     Raises:
         CNAError: an empty prompt set, a non-string prompt, or a prompt too long for the model.
     """
-    from cna_lens.models.loading import validate_prompts
-
     positive = validate_prompts(positive, "positive prompts")
     negative = validate_prompts(negative, "negative prompts")
     pos, _ = activation_stats(

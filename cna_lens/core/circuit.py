@@ -14,23 +14,24 @@ import math
 import numbers
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool
 from torch import Tensor
 
-from cna_lens._validate import Integral, Real, check_int, check_real
+from cna_lens._validate import check_int, check_real
 from cna_lens._version import __version__
 from cna_lens.errors import CircuitMismatchError, CNAError
 from cna_lens.io import atomic_write_text, read_text_file
+from cna_lens.models.loading import model_fingerprint, model_id
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Circuit", "Neuron", "Provenance", "check_layers", "resolve_k", "select_top_k"]
+__all__ = ["Circuit", "Neuron", "Provenance"]
 
 FORMAT = "cna_lens.circuit"
 FORMAT_VERSION = 1
@@ -292,8 +293,6 @@ class Circuit:
             CircuitMismatchError: n_layers, d_mlp or the architecture fingerprint differ, or
                 the fingerprint is unknown and ``strict`` is true.
         """
-        from cna_lens.models.loading import model_fingerprint
-
         if not hasattr(model, "cfg"):
             raise CNAError(
                 f"model must be a TransformerBridge from cna_lens.load_model, got "
@@ -347,8 +346,6 @@ class Circuit:
         Raises:
             CircuitMismatchError: the model's n_layers or d_mlp differ from the circuit's.
         """
-        from cna_lens.models.loading import model_fingerprint, model_id
-
         if self.provenance.fingerprint != UNKNOWN_FINGERPRINT:
             self.validate(model)  # a recorded fingerprint must match
         shape = (int(model.cfg.n_layers), int(model.cfg.d_mlp))
@@ -508,119 +505,3 @@ def _neuron_dict(n: Neuron) -> dict[str, Any]:
         if getattr(n, k) is not None:
             d[k] = getattr(n, k)
     return d
-
-
-def check_layers(name: str, layers: Any, n_layers: int) -> tuple[int, ...]:
-    """``layers`` as a tuple of layer indices in ``[0, n_layers)`` (a list/tuple/range of ints).
-
-    Raises:
-        CNAError: not a sequence (a bare int, a string, None), a non-integer entry, or an
-            index out of range; the message names ``name``.
-    """
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple, range)):
-        raise CNAError(
-            f"{name} must be a list of layer indices (e.g. [0, 1]), got "
-            f"{type(layers).__name__} {layers!r:.60}"
-        )
-    out = []
-    for x in layers:
-        if (
-            isinstance(x, bool)
-            or not isinstance(x, numbers.Integral)
-            or not (0 <= int(x) < n_layers)
-        ):
-            raise CNAError(f"{name} has {x!r}; valid layers are 0..{n_layers - 1} (integers)")
-        out.append(int(x))
-    return tuple(out)
-
-
-def resolve_k(
-    n_available: int, n_total: int, *, fraction: Real | None = None, top_k: Integral | None = None
-) -> int:
-    """The circuit size: ``top_k``, or ``max(1, round(fraction * n_total))``.
-
-    Raises:
-        CNAError: both or neither given, fraction outside (0, 1], k < 1, or k larger than
-            the ``n_available`` neurons left after exclusions and filtering.
-    """
-    if (fraction is None) == (top_k is None):
-        raise CNAError("give exactly one of fraction (e.g. 0.001) or top_k")
-    if fraction is not None:
-        fraction = check_real("fraction", fraction, low=0.0, high=1.0, low_open=True)
-        k = max(1, round(fraction * n_total))
-    else:
-        k = check_int("top_k", top_k, low=1)
-    if k > n_available:
-        raise CNAError(
-            f"k={k} is larger than the {n_available} neurons available after exclusions and "
-            f"filtering (of {n_total}); choose top_k <= {n_available}"
-        )
-    return k
-
-
-def select_top_k(
-    delta: Float[Tensor, "n_layers d_mlp"],
-    *,
-    fraction: Real | None = None,
-    top_k: Integral | None = None,
-    exclude_layers: Sequence[int] = (),
-    exclude: Bool[Tensor, "n_layers d_mlp"] | None = None,
-    provenance: Provenance | None = None,
-    score: Float[Tensor, "n_layers d_mlp"] | None = None,
-) -> Circuit:
-    """The top-k neurons by |delta| (or by ``score``) across all layers, sign kept, in rank order.
-
-    Ties are broken by the lower (layer, neuron) index, so the result is deterministic.
-
-    Args:
-        delta: Per-neuron contrast.
-        fraction: k as a fraction of all neurons (``n_layers * d_mlp``), at least 1.
-        top_k: k as a count (instead of ``fraction``).
-        exclude_layers: Layers never to select from (explicit; nothing is dropped silently).
-        exclude: Neurons never to select (e.g. universal neurons).
-        provenance: Recorded on the circuit; ``rule``, ``fraction``, ``k`` and
-            ``exclude_layers`` are filled in.
-        score: What to rank by (default ``|delta|``; see :mod:`cna_lens.core.scores`); the
-            neurons still record their signed delta.
-
-    Raises:
-        CNAError: bad k or fraction, a non-finite delta or score, or a layer index out of
-            range.
-    """
-    n_layers, d_mlp = delta.shape
-    if not torch.isfinite(delta).all():
-        raise CNAError("delta has NaN or infinite entries; check the activations")
-    allowed = torch.ones(n_layers, d_mlp, dtype=torch.bool, device=delta.device)
-    exclude_layers = check_layers("exclude_layers", exclude_layers, n_layers)
-    for layer in exclude_layers:
-        allowed[layer] = False
-    if exclude is not None:
-        if tuple(exclude.shape) != (n_layers, d_mlp):
-            raise CNAError(f"exclude mask is {tuple(exclude.shape)}, expected {(n_layers, d_mlp)}")
-        allowed &= ~exclude.to(delta.device)
-    n_total = n_layers * d_mlp
-    k = resolve_k(int(allowed.sum()), n_total, fraction=fraction, top_k=top_k)
-    if score is None:
-        score = delta.abs()
-    elif tuple(score.shape) != (n_layers, d_mlp) or not torch.isfinite(score).all():
-        raise CNAError(
-            f"score must be a finite tensor of shape {[n_layers, d_mlp]}, got {list(score.shape)}"
-        )
-    # Excluded neurons rank below every allowed one (k never exceeds the allowed count).
-    score = torch.where(
-        allowed,
-        score.to(device=delta.device, dtype=torch.float64),
-        torch.full_like(delta, -math.inf, dtype=torch.float64),
-    ).flatten()
-    order = torch.sort(score, descending=True, stable=True).indices[:k].tolist()
-    flat = delta.flatten().tolist()
-    neurons = tuple(Neuron(i // d_mlp, i % d_mlp, float(flat[i])) for i in order)
-    base = provenance or Provenance()
-    prov_fields = asdict(base)
-    prov_fields.update(
-        rule="fraction" if fraction is not None else "top_k",
-        fraction=check_real("fraction", fraction) if fraction is not None else None,
-        k=k,
-        exclude_layers=tuple(sorted(exclude_layers)),
-    )
-    return Circuit(neurons, int(n_layers), int(d_mlp), Provenance(**prov_fields))

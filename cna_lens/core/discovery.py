@@ -13,11 +13,12 @@ from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any
 
-from cna_lens._validate import Integral, Real, check_int, check_real
+from cna_lens._validate import Integral, Real, check_int, check_layers, check_real
 from cna_lens.core.activations import activation_stats
 from cna_lens.core.attribution import Attribution
-from cna_lens.core.circuit import Circuit, Neuron, Provenance, check_layers, resolve_k, select_top_k
+from cna_lens.core.circuit import Circuit, Neuron, Provenance
 from cna_lens.core.scores import Score, compute_score, get_score, score_name
+from cna_lens.core.selection import resolve_k, select_top_k
 from cna_lens.core.universal import UniversalNeurons, universal_neurons_from
 from cna_lens.errors import CNAError
 from cna_lens.models.loading import (

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,10 @@ def load_gguf(
         ) from exc
     if getattr(model.config, "quantization_config", None) is not None:
         model = plain_model(model, share=True)  # without the marker save_pretrained refuses
+    if not getattr(model.config, "architectures", None):
+        # a config read from GGUF names no architecture class; TransformerLens picks its
+        # adapter by that name and knows e.g. Gemma3ForCausalLM but not model type gemma3_text
+        model.config.architectures = [type(model).__name__]
     model.eval()
     if not info.has_chat_template:
         logger.warning("%s has no chat template: prompts are fed as raw text", info.path.name)
@@ -186,8 +191,6 @@ def convert_to_hf(
             out.rmdir()
         os.replace(tmp, out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out

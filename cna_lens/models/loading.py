@@ -25,7 +25,7 @@ from torch import Tensor
 
 from cna_lens._validate import Integral, check_int
 from cna_lens.errors import CNAError
-from cna_lens.models.gguf import resolve_gguf
+from cna_lens.models.gguf import load_gguf, resolve_gguf
 
 __all__ = [
     "PromptList",
@@ -146,34 +146,13 @@ def load_model(
         CNAError: the path does not exist as a directory and is not a plausible hub name,
             or the model has no MLP ``hook_post`` at every layer.
     """
-    from transformer_lens import TransformerBridge
+    from transformer_lens import TransformerBridge  # import time: 3 s, only when loading
 
-    if not isinstance(name_or_path, (str, os.PathLike)):
-        raise CNAError(
-            f"name_or_path must be a hub model name or a directory, got "
-            f"{type(name_or_path).__name__}"
-        )
-    name = os.fspath(name_or_path)
-    if not isinstance(name, str) or not name.strip():
-        raise CNAError("model name is empty; give a hub model name or a local HF directory")
+    name, path, gguf_file = _source(name_or_path)
     if chat is not None and not isinstance(chat, bool):
         raise CNAError(f"chat must be True, False or None, got {chat!r}")
     _check_device(device)
     torch_dtype = _resolve_dtype(dtype)
-    path = Path(name).expanduser()
-    gguf_file = resolve_gguf(path) if path.exists() else None
-    if gguf_file is not None:
-        name = str(gguf_file.resolve())
-    elif path.exists():
-        if not (path / "config.json").is_file():
-            raise CNAError(
-                f"{name!r} exists but is not a HF model directory (no config.json in it) nor a "
-                ".gguf file; pass a directory written by save_pretrained, a .gguf file, or a "
-                "hub model name"
-            )
-        name = str(path.resolve())
-    elif name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf"):
-        raise CNAError(f"model path {name!r} does not exist")
     if device is not None and (device_map is not None or n_devices is not None):
         raise CNAError("pass either device or device_map/n_devices, not both")
     if device is None and device_map is None and n_devices is None:
@@ -184,12 +163,10 @@ def load_model(
     if n_devices is not None:
         kwargs["n_devices"] = n_devices
     if gguf_file is not None:
-        from cna_lens.models.gguf import load_gguf
-
         if device_map is not None or n_devices is not None:
             raise CNAError(
                 "device_map/n_devices are not supported for .gguf files; pass device, "
-                "or convert the file with `cna-lens models convert` first"
+                "or convert the file with `cna-lens models path NAME --hf` first"
             )
         hf_model, tokenizer = load_gguf(gguf_file, dtype=torch_dtype)
         kwargs.update(hf_model=hf_model.to(device), tokenizer=tokenizer)
@@ -214,6 +191,38 @@ def load_model(
         source=str(gguf_file) if gguf_file is not None else name,
     )
     return model
+
+
+def _source(name_or_path: Any) -> tuple[str, Path, Path | None]:
+    """(what to boot, the path it names, the GGUF file it names or None).
+
+    Raises:
+        CNAError: not a name, an empty one, a path that does not exist, or a directory that
+            is neither a HF model nor a GGUF holder.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise CNAError(
+            f"name_or_path must be a hub model name or a directory, got "
+            f"{type(name_or_path).__name__}"
+        )
+    name = os.fspath(name_or_path)
+    if not isinstance(name, str) or not name.strip():
+        raise CNAError("model name is empty; give a hub model name or a local HF directory")
+    path = Path(name).expanduser()
+    gguf_file = resolve_gguf(path) if path.exists() else None
+    if gguf_file is not None:
+        name = str(gguf_file.resolve())
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise CNAError(
+                f"{name!r} exists but is not a HF model directory (no config.json in it) nor a "
+                ".gguf file; pass a directory written by save_pretrained, a .gguf file, or a "
+                "hub model name"
+            )
+        name = str(path.resolve())
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf"):
+        raise CNAError(f"model path {name!r} does not exist")
+    return name, path, gguf_file
 
 
 def portable_model_id(name_or_path: str | os.PathLike[str]) -> str:

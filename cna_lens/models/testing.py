@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -182,8 +183,6 @@ _QWEN2_SPLIT = (
 def _pre_tokenizer_name(tok: Any) -> str:
     """llama.cpp's name for how ``tok`` splits text before BPE (as llama.cpp does, this is read
     from the tokenizer ``transformers`` loads, which may override tokenizer.json's split)."""
-    import json
-
     pre = json.loads(tok.backend_tokenizer.to_str())["pre_tokenizer"]
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
@@ -226,8 +225,6 @@ def write_gguf(
     Raises:
         CNAError: the directory's architecture is not in :data:`GGUF_ARCHITECTURES`.
     """
-    import json
-
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
@@ -262,31 +259,7 @@ def write_gguf(
     if arch == "llama":
         writer.add_rope_dimension_count(config.hidden_size // n_head)
 
-    # The tokenizer as tokenizer.json defines it (the class AutoTokenizer picks may add tokens
-    # the model has no row for): every id in order, byte-level spelled; specials are CONTROL.
-    backend = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
-    vocab = dict(backend["model"]["vocab"])
-    vocab.update({t["content"]: t["id"] for t in backend["added_tokens"]})
-    special = {t["content"] for t in backend["added_tokens"] if t["special"]}
-    tokens = [f"[PAD{i}]" for i in range(max(config.vocab_size, len(vocab)))]
-    types = [gguf.TokenType.UNUSED] * len(tokens)  # llama.cpp pads a short vocabulary so
-    for token, index in vocab.items():
-        tokens[index] = token
-        types[index] = gguf.TokenType.CONTROL if token in special else gguf.TokenType.NORMAL
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(tok))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(
-        [m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]]
-    )
-    writer.add_bos_token_id(vocab[tok.bos_token])
-    writer.add_eos_token_id(vocab[tok.eos_token])
-    writer.add_pad_token_id(vocab[tok.pad_token])
-    writer.add_add_bos_token(False)  # tokenizer.json has no post-processor that adds BOS
-    if chat_template and tok.chat_template:
-        writer.add_chat_template(tok.chat_template)
-
+    _write_tokenizer(writer, src, tok, config.vocab_size, chat_template)
     model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
     weights = load_file(str(src / "model.safetensors"))
@@ -307,3 +280,35 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def _write_tokenizer(
+    writer: Any, src: Path, tok: Any, vocab_size: int, chat_template: bool
+) -> None:
+    """The tokenizer as tokenizer.json defines it (the class AutoTokenizer picks may add
+    tokens the model has no row for): every id in order, byte-level spelled; specials are
+    CONTROL; llama.cpp pads a short vocabulary, so missing ids are UNUSED."""
+    import gguf
+
+    backend = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = dict(backend["model"]["vocab"])
+    vocab.update({t["content"]: t["id"] for t in backend["added_tokens"]})
+    special = {t["content"] for t in backend["added_tokens"] if t["special"]}
+    tokens = [f"[PAD{i}]" for i in range(max(vocab_size, len(vocab)))]
+    types = [gguf.TokenType.UNUSED] * len(tokens)
+    for token, index in vocab.items():
+        tokens[index] = token
+        types[index] = gguf.TokenType.CONTROL if token in special else gguf.TokenType.NORMAL
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(tok))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(
+        [m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]]
+    )
+    writer.add_bos_token_id(vocab[tok.bos_token])
+    writer.add_eos_token_id(vocab[tok.eos_token])
+    writer.add_pad_token_id(vocab[tok.pad_token])
+    writer.add_add_bos_token(False)  # tokenizer.json has no post-processor that adds BOS
+    if chat_template and tok.chat_template:
+        writer.add_chat_template(tok.chat_template)

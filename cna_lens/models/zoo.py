@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cna_lens.errors import CNAError
+from cna_lens.models.gguf import convert_to_hf
 
 __all__ = ["REAL_MODELS", "RealModel", "cache_dir", "is_installed", "model_path", "resolve"]
 
@@ -182,8 +183,6 @@ def model_path(name: str, *, hf: bool = False) -> Path:
     stamp = hashlib.sha256(f"{gguf_path.stat().st_size}:{gguf_path.name}".encode()).hexdigest()[:8]
     hf_dir = cache_dir() / "hf" / f"{name}-{stamp}"
     if not (hf_dir / "config.json").is_file():
-        from cna_lens.models.gguf import convert_to_hf
-
         logger.info("converting %s to a HF directory at %s (once)", name, hf_dir)
         if hf_dir.exists():
             shutil.rmtree(hf_dir)

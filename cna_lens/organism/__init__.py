@@ -23,6 +23,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from cna_lens.models.loading import load_model
+
 __all__ = ["KINDS", "PROMPT_SETS", "DATA_DIR", "CIRCUIT_FRACTION", "path", "load", "prompts"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -74,8 +76,6 @@ def load(kind: str, **kwargs: Any) -> Any:
     Returns:
         A TransformerLens ``TransformerBridge`` around the organism.
     """
-    from cna_lens import load_model
-
     return load_model(path(kind), **kwargs)
 
 

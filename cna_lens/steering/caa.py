@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cna_lens._validate import Integral, check_real
+from cna_lens._validate import Integral, check_layer_set, check_real
 from cna_lens.errors import CNAError
 from cna_lens.models.loading import tokenize_prompts, validate_prompts
 from cna_lens.steering.conditions import IDENTITY, HookOp, register_condition
@@ -180,18 +180,6 @@ class AddOp:
         return act + self._cache[key]
 
 
-def _check_layers(layers: Sequence[int] | None, n_layers: int) -> tuple[int, ...]:
-    if layers is None:
-        return default_caa_layers(n_layers)
-    out = tuple(sorted({int(x) for x in layers}))
-    if not out:
-        raise CNAError("layers is empty; give at least one layer to steer")
-    bad = [x for x in out if not 0 <= x < n_layers]
-    if bad:
-        raise CNAError(f"layers {bad} out of range; valid layers are 0..{n_layers - 1}")
-    return out
-
-
 @dataclass(frozen=True)
 class CAA:
     """A CAA condition: add ``alpha * vectors[L]`` to ``blocks.{L}.hook_resid_post`` at every
@@ -230,7 +218,9 @@ class CAA:
                 f"CAA vectors are [{self.vectors.n_layers}, {self.vectors.d_model}] but the "
                 f"model has n_layers={shape[0]}, d_model={shape[1]}"
             )
-        return _check_layers(self.layers, shape[0])
+        if self.layers is None:
+            return default_caa_layers(shape[0])
+        return check_layer_set(self.layers, shape[0], hint=" to steer")
 
 
 def _caa_ops(model: Any, caa: CAA) -> list[HookOp]:

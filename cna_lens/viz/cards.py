@@ -367,6 +367,54 @@ def neuron_card(
 
 
 # ----------------------------------------------------------------------------- the map
+def _map_neurons(
+    delta: Tensor, chosen: set[tuple[int, int]], top: int, n_random: int, seed: int
+) -> tuple[set[tuple[int, int]], int]:
+    """The neurons a circuit map plots: ``chosen``, the top ``top`` of each layer by
+    |delta| and ``n_random`` others (seeded); also how many were sampled."""
+    n_layers, d_mlp = delta.shape
+    chosen = set(chosen)
+    if top:
+        idx = delta.abs().topk(top, dim=1).indices
+        chosen |= {(layer, int(j)) for layer in range(n_layers) for j in idx[layer].tolist()}
+    sampled = min(n_random, n_layers * d_mlp - len(chosen))
+    left, rng = sampled, random.Random(seed)
+    while left > 0:  # rejection sampling: the chosen set is tiny next to the grid
+        pair = (rng.randrange(n_layers), rng.randrange(d_mlp))
+        if pair not in chosen:
+            chosen.add(pair)
+            left -= 1
+    return chosen, sampled
+
+
+_MAP_STYLES = {
+    "other": dict(color="#b0b0b0", size=5, symbol="circle"),
+    "universal": dict(color="#2ca02c", size=9, symbol="x"),
+    "circuit": dict(color="#d62728", size=9, symbol="diamond"),
+}
+
+
+def _map_scatter(
+    fig: go.Figure,
+    pairs: list[tuple[int, int]],
+    delta: Tensor,
+    effect: Tensor,
+    name: str,
+    style: dict[str, Any],
+    jitter: random.Random,
+) -> None:
+    fig.add_scatter(
+        x=[layer + jitter.uniform(-0.3, 0.3) for layer, _ in pairs],
+        y=[float(delta[layer, j]) for layer, j in pairs],
+        customdata=[[f"L{layer}N{j}", float(effect[layer, j])] for layer, j in pairs],
+        mode="markers",
+        name=name,
+        marker=style,
+        hovertemplate="%{customdata[0]}<br>delta %{y:.4g}<br>effect size "
+        "%{customdata[1]:.3g}<extra></extra>",
+    )
+
+
 def circuit_map(
     attribution: Attribution | Discovery,
     circuit: Circuit | None = None,
@@ -411,29 +459,13 @@ def circuit_map(
             f"attribution is {(n_layers, d_mlp)}"
         )
     is_universal = set(universal.pairs) if universal is not None else set()
-    chosen = set(in_circuit) | is_universal
     top = min(top_n_per_layer, d_mlp)
-    if top:
-        idx = delta.abs().topk(top, dim=1).indices
-        chosen |= {(layer, int(j)) for layer in range(n_layers) for j in idx[layer].tolist()}
-    rest = n_layers * d_mlp - len(chosen)
-    n_sample = min(n_random, rest)
-    rng = random.Random(seed)
-    while n_sample > 0:  # rejection sampling: the chosen set is tiny next to the grid
-        pair = (rng.randrange(n_layers), rng.randrange(d_mlp))
-        if pair not in chosen:
-            chosen.add(pair)
-            n_sample -= 1
+    chosen, sampled = _map_neurons(delta, set(in_circuit) | is_universal, top, n_random, seed)
     jitter = random.Random(seed + 1)
     groups: dict[str, list[tuple[int, int]]] = {"other": [], "universal": [], "circuit": []}
     for pair in sorted(chosen):
         key = "circuit" if pair in in_circuit else "universal" if pair in is_universal else "other"
         groups[key].append(pair)
-    styles = {
-        "other": dict(color="#b0b0b0", size=5, symbol="circle"),
-        "universal": dict(color="#2ca02c", size=9, symbol="x"),
-        "circuit": dict(color="#d62728", size=9, symbol="diamond"),
-    }
     names = {
         "other": "top per layer + random",
         "universal": "universal (filtered out)",
@@ -441,23 +473,13 @@ def circuit_map(
     }
     fig = go.Figure()
     for key, pairs in groups.items():
-        if not pairs:
-            continue
-        fig.add_scatter(
-            x=[layer + jitter.uniform(-0.3, 0.3) for layer, _ in pairs],
-            y=[float(delta[layer, j]) for layer, j in pairs],
-            customdata=[[f"L{layer}N{j}", float(effect[layer, j])] for layer, j in pairs],
-            mode="markers",
-            name=names[key],
-            marker=styles[key],
-            hovertemplate="%{customdata[0]}<br>delta %{y:.4g}<br>effect size "
-            "%{customdata[1]:.3g}<extra></extra>",
-        )
+        if pairs:
+            _map_scatter(fig, pairs, delta, effect, names[key], _MAP_STYLES[key], jitter)
     fig.update_layout(
         title=title
         or (
             f"Neuron delta by layer: {len(in_circuit)} circuit neurons, top "
-            f"{top}/layer, {min(n_random, rest)} random of {n_layers * d_mlp}"
+            f"{top}/layer, {sampled} random of {n_layers * d_mlp}"
         ),
         xaxis=dict(title="layer", tickmode="linear", dtick=1),
         yaxis_title="delta = mean(positive) - mean(negative)",

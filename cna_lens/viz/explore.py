@@ -34,6 +34,7 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
+from cna_lens._validate import check_layer_set
 from cna_lens.core.circuit import Circuit, Neuron
 from cna_lens.errors import CNAError
 from cna_lens.models.loading import (
@@ -81,18 +82,7 @@ def _check_layers(model: Any, layers: Sequence[int] | None) -> list[int]:
     n_layers = int(model.cfg.n_layers)
     if layers is None:
         return list(range(n_layers))
-    if isinstance(layers, (int, str)):
-        raise CNAError(f"layers must be a list of layer indices, got {layers!r}")
-    out = sorted({int(x) for x in layers})
-    if not out:
-        raise CNAError(
-            f"layers is empty; give at least one layer in 0..{n_layers - 1} "
-            "(or None for all layers)"
-        )
-    bad = [x for x in out if not 0 <= x < n_layers]
-    if bad:
-        raise CNAError(f"layers {bad} out of range; valid layers are 0..{n_layers - 1}")
-    return out
+    return list(check_layer_set(layers, n_layers, hint=" (or None for all layers)"))
 
 
 def _as_neuron(model: Any, target: Any, rank: int = 0) -> Neuron:
@@ -174,8 +164,7 @@ def activation_cache(
         CNAError: bad prompts or batch size, an empty or out-of-range layer list, or an
             unknown ``positions``.
     """
-    from transformer_lens import ActivationCache
-    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+    from transformer_lens import ActivationCache  # import time: only when a cache is built
 
     if positions not in POSITIONS:
         raise CNAError(f"positions must be one of {list(POSITIONS)}, got {positions!r}")
@@ -184,53 +173,19 @@ def activation_cache(
     mlp_hook_names(model)  # refuse models without hook_post up front
     names = [MLP_HOOK.format(layer=layer) for layer in layers]
     batches = tokenize_prompts(model, prompts, batch_size=batch_size)
-    last = layers[-1]
-    n_layers = int(model.cfg.n_layers)
-    stop_at = last + 1 if last + 1 < n_layers else None
-    stop_name = f"blocks.{last}.mlp.hook_out"
-    stop_hooks = []
-    if stop_at is None and stop_name in model.hook_dict:  # the last layer: stop after its MLP
-
-        def stop(act: Tensor, hook: Any) -> None:
-            raise StopAtLayerException(act)
-
-        stop_hooks = [(stop_name, stop)]
-
     width = max(int(b.input_ids.shape[1]) for b in batches)
     n = len(prompts)
     input_ids = torch.full((n, width), pad_id(model), dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
     rows: dict[str, Tensor] = {}
     for batch in batches:
-        with torch.inference_mode(), model.hooks(fwd_hooks=stop_hooks):
-            _, cache = model.run_with_cache(
-                batch.input_ids,
-                attention_mask=batch.attention_mask,
-                names_filter=names,
-                stop_at_layer=stop_at,
-                output_attentions=False,
-            )
-        missing = [name for name in names if name not in cache]
-        if missing:
-            raise CNAError(
-                f"the forward pass never reached {missing[:3]}; cannot read MLP "
-                "neuron activations there"
-            )
+        cache = _batch_cache(model, batch, names, layers[-1])
         idx = torch.tensor(batch.indices, dtype=torch.long)
         w = int(batch.input_ids.shape[1])
         input_ids[idx, width - w :] = batch.input_ids.cpu()
         mask[idx, width - w :] = batch.attention_mask.cpu()
         for name in names:
-            act = cache[name]
-            if name not in rows:
-                shape = (n, act.shape[-1]) if positions == "last" else (n, width, act.shape[-1])
-                rows[name] = act.new_zeros(shape)
-            dev_idx = idx.to(act.device)
-            if positions == "last":
-                rows[name][dev_idx] = act[:, -1]
-            else:
-                real = batch.attention_mask.to(act.device).bool()[..., None]
-                rows[name][dev_idx, width - w :] = torch.where(real, act, act.new_zeros(()))
+            _place(rows, name, cache[name], batch, idx, (n, width), positions)
     out = ActivationCache(rows, model, has_batch_dim=True)
     extras = {
         "input_ids": input_ids,
@@ -246,6 +201,64 @@ def activation_cache(
     for key, value in extras.items():  # plain attributes on the TransformerLens object
         setattr(out, key, value)
     return out
+
+
+def _batch_cache(model: Any, batch: Any, names: list[str], last: int) -> Any:
+    """``run_with_cache`` of one batch, stopping right after layer ``last``'s MLP.
+
+    Raises:
+        CNAError: the pass never reached a requested hook.
+    """
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    stop_at = last + 1 if last + 1 < int(model.cfg.n_layers) else None
+    stop_name = f"blocks.{last}.mlp.hook_out"
+    stop_hooks = []
+    if stop_at is None and stop_name in model.hook_dict:  # the last layer: stop after its MLP
+
+        def stop(act: Tensor, hook: Any) -> None:
+            raise StopAtLayerException(act)
+
+        stop_hooks = [(stop_name, stop)]
+    with torch.inference_mode(), model.hooks(fwd_hooks=stop_hooks):
+        _, cache = model.run_with_cache(
+            batch.input_ids,
+            attention_mask=batch.attention_mask,
+            names_filter=names,
+            stop_at_layer=stop_at,
+            output_attentions=False,
+        )
+    missing = [name for name in names if name not in cache]
+    if missing:
+        raise CNAError(
+            f"the forward pass never reached {missing[:3]}; cannot read MLP "
+            "neuron activations there"
+        )
+    return cache
+
+
+def _place(
+    rows: dict[str, Tensor],
+    name: str,
+    act: Tensor,
+    batch: Any,
+    idx: Tensor,
+    shape: tuple[int, int],
+    positions: str,
+) -> None:
+    """Write one batch's activations at ``name`` into the rows of its prompts (``shape`` is
+    (prompts, padded width); the rows are allocated on first use)."""
+    n, width = shape
+    if name not in rows:
+        size = (n, act.shape[-1]) if positions == "last" else (n, width, act.shape[-1])
+        rows[name] = act.new_zeros(size)
+    w = int(batch.input_ids.shape[1])
+    dev_idx = idx.to(act.device)
+    if positions == "last":
+        rows[name][dev_idx] = act[:, -1]
+    else:
+        real = batch.attention_mask.to(act.device).bool()[..., None]
+        rows[name][dev_idx, width - w :] = torch.where(real, act, act.new_zeros(()))
 
 
 def _neuron_values(model: Any, neuron: Neuron, prompts: list[str], batch_size: int) -> list[float]:

@@ -153,6 +153,42 @@ def _methods(summary: pd.DataFrame) -> list[str]:
     return [m for m in ("cna", "caa") if m in set(summary["method"])]
 
 
+def _quality_and_control(
+    fig: go.Figure,
+    s: pd.DataFrame,
+    rows: pd.DataFrame,
+    sets: tuple[str, str],
+    method: str,
+    col: int,
+) -> None:
+    """The quality line of one method's panel, and the random control (CNA panel)."""
+    q = rows[rows["prompt_set"].isin(list(sets))].groupby("strength", as_index=False)["quality"]
+    q = q.mean()
+    if not q.empty:
+        fig.add_scatter(
+            x=q["strength"],
+            y=q["quality"],
+            name="output quality",
+            legendgroup="quality",
+            showlegend=col == 1,
+            mode="lines+markers",
+            line=dict(color="#2ca02c"),
+            row=1,
+            col=col,
+        )
+    ctrl = s[(s["method"] == "random") & (s["prompt_set"] == sets[0])]
+    if method == "cna" and not ctrl.empty:
+        fig.add_scatter(
+            x=ctrl["strength"],
+            y=ctrl["refusal_rate"],
+            name="refusal, random neurons",
+            mode="markers",
+            marker=dict(symbol="diamond", size=11, color="#7f7f7f"),
+            row=1,
+            col=col,
+        )
+
+
 def steering_figure(
     results: pd.DataFrame,
     *,
@@ -206,35 +242,7 @@ def steering_figure(
                 row=1,
                 col=col,
             )
-        q = (
-            rows[rows["prompt_set"].isin([harmful, benign])]
-            .groupby("strength", as_index=False)["quality"]
-            .mean()
-        )
-        if not q.empty:
-            fig.add_scatter(
-                x=q["strength"],
-                y=q["quality"],
-                name="output quality",
-                legendgroup="quality",
-                showlegend=col == 1,
-                mode="lines+markers",
-                line=dict(color="#2ca02c"),
-                row=1,
-                col=col,
-            )
-        if method == "cna":
-            ctrl = s[(s["method"] == "random") & (s["prompt_set"] == harmful)]
-            if not ctrl.empty:
-                fig.add_scatter(
-                    x=ctrl["strength"],
-                    y=ctrl["refusal_rate"],
-                    name="refusal, random neurons",
-                    mode="markers",
-                    marker=dict(symbol="diamond", size=11, color="#7f7f7f"),
-                    row=1,
-                    col=col,
-                )
+        _quality_and_control(fig, s, rows, (harmful, benign), method, col)
         fig.update_xaxes(title_text="m" if method == "cna" else "alpha", row=1, col=col)
     fig.update_yaxes(title_text="rate / quality", range=[-0.03, 1.03], row=1, col=1)
     fig.update_layout(title=title, template="plotly_white")
@@ -315,6 +323,36 @@ def stability_figure(
 _METRICS = {"refusal_rate": "refusal rate", "quality": "output quality"}
 
 
+_PALETTE = (
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#9467bd",
+    "#ff7f0e",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+
+
+def _dose_sets(results: pd.DataFrame, x: str, prompt_sets: Sequence[str] | None) -> list[str]:
+    """The prompt sets a dose figure shows, after checking the table and ``x``."""
+    if x not in ("k", "multiplier"):
+        raise CNAError(f"x must be 'k' or 'multiplier', got {x!r}")
+    needed = ("k", "multiplier", "intervention", "sign", "prompt_set", *_METRICS)
+    missing = [c for c in needed if c not in results.columns]
+    if missing:
+        raise CNAError(f"expected a dose sweep table (cna_lens.sweep); missing {missing}")
+    present = list(dict.fromkeys(results["prompt_set"]))
+    sets = list(prompt_sets) if prompt_sets is not None else present
+    unknown = [s for s in sets if s not in present]
+    if unknown or not sets:
+        raise CNAError(f"prompt sets {unknown or sets} not in the table; it has {sorted(present)}")
+    return sets
+
+
 def dose_figure(
     results: pd.DataFrame,
     *,
@@ -334,24 +372,7 @@ def dose_figure(
     Raises:
         CNAError: ``x`` is neither "k" nor "multiplier", or a missing column or set.
     """
-    if x not in ("k", "multiplier"):
-        raise CNAError(f"x must be 'k' or 'multiplier', got {x!r}")
-    missing = [
-        c
-        for c in ("k", "multiplier", "intervention", "sign", "prompt_set", *_METRICS)
-        if c not in results.columns
-    ]
-    if missing:
-        raise CNAError(f"expected a dose sweep table (cna_lens.sweep); missing {missing}")
-    sets = (
-        list(prompt_sets) if prompt_sets is not None else list(dict.fromkeys(results["prompt_set"]))
-    )
-    unknown = [s for s in sets if s not in set(results["prompt_set"])]
-    if unknown or not sets:
-        raise CNAError(
-            f"prompt sets {unknown or sets} not in the table; it has "
-            f"{sorted(set(results['prompt_set']))}"
-        )
+    sets = _dose_sets(results, x, prompt_sets)
     line_by = ["intervention", "sign", "multiplier" if x == "k" else "k"]
     fig = make_subplots(
         rows=len(_METRICS),
@@ -359,18 +380,7 @@ def dose_figure(
         shared_xaxes=True,
         subplot_titles=[f"{_METRICS[m]}: {s}" for m in _METRICS for s in sets],
     )
-    colors = [
-        "#1f77b4",
-        "#d62728",
-        "#2ca02c",
-        "#9467bd",
-        "#ff7f0e",
-        "#8c564b",
-        "#e377c2",
-        "#7f7f7f",
-        "#bcbd22",
-        "#17becf",
-    ]
+    colors = _PALETTE
     groups = list(results.groupby(line_by, sort=True))
     for i, (labels, frame) in enumerate(groups):
         iv, sign, other = labels

@@ -15,7 +15,8 @@ from cna_lens.core.analysis import (
     layer_distribution,
     random_control_circuit,
 )
-from cna_lens.core.circuit import Circuit, Neuron, select_top_k
+from cna_lens.core.circuit import Circuit, Neuron
+from cna_lens.core.selection import select_top_k
 from cna_lens.errors import CNAError
 
 

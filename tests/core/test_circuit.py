@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import cna_lens
 from cna_lens import Circuit, CircuitMismatchError, CNAError, Neuron, Provenance
-from cna_lens.core.circuit import select_top_k
+from cna_lens.core.selection import select_top_k
 
 
 def test_selection_is_exact_top_k_with_sign():

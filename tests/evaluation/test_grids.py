@@ -211,6 +211,11 @@ def test_cli_sweep_writes_its_files(tmp_path, model_dirs, capsys):
     assert record["circuit"]["provenance"]["score"] == "effect_size"
     assert (out / "dose_vs_k.html").is_file() and (out / "dose_vs_m.html").is_file()
     assert "wrote sweep.csv" in capsys.readouterr().out
+    # every generated text is kept, with its condition and prompt
+    texts = pd.read_json(out / "texts.jsonl", lines=True, dtype=False)
+    assert len(texts) == 2 * 2 * 2 * 2 * 2  # conditions x (2 harmful + 2 benign) prompts
+    assert {"condition", "prompt_set", "prompt", "output", "multiplier", "k"} <= set(texts)
+    assert set(texts["prompt"]) == set(POSITIVE[:2] + NEGATIVE[:2])
     rc = main(
         [
             "sweep",

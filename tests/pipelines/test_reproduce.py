@@ -156,6 +156,25 @@ def test_reproduce_cli_quick(tmp_path, model_dirs, base_model_dir, capsys):
     assert "refusal, harmful" in format_summary(summary)
 
 
+def test_a_missing_png_renderer_is_one_whole_line_saying_what_to_install(
+    tmp_path, model_dirs, capsys, monkeypatch
+):
+    from cna_lens.cli.reproduce import PNG_HINT
+    from cna_lens.viz import figures
+
+    def no_renderer(*args, **kwargs):
+        raise RuntimeError("Kaleido requires Google Chrome to be installed, which it cannot find")
+
+    monkeypatch.setattr(figures, "_export_png", no_renderer)
+    args = ["reproduce", "--quick", "--model", str(model_dirs["llama"]), "--device", "cpu"]
+    args += ["--prompts", str(_prompt_dir(tmp_path / "p")), "--out", str(tmp_path / "o")]
+    args += ["--n-eval", "2", "--max-new-tokens", "2", "--n-bootstrap", "2", "--top-k", "2"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert PNG_HINT in lines  # the whole hint on one line, never cut mid-word
+    assert "pip install" in PNG_HINT and "chromium" in PNG_HINT
+
+
 def test_config_and_prompt_validation(tmp_path):
     with pytest.raises(CNAError, match="include 0"):
         ReproduceConfig(multipliers=(1.0, 2.0))

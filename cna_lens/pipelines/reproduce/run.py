@@ -204,6 +204,7 @@ class _Run:
     stages: _Stages
     judge: Callable[[str, str], float] | None
     write: bool
+    progress: bool = False
     facts: dict[str, Any] = field(default_factory=dict)
     cards: list[NeuronCard] = field(default_factory=list)
 
@@ -231,12 +232,22 @@ def _instruct_stages(run: _Run, path: str) -> dict[str, Any]:
     with open_backend(model, cfg.backend) as backend:
         stages.start("sweep instruct")
         table = sweep_instruct_stage(
-            model, inputs, circuit, caa, caa_layers, cfg, backend=backend, judge=run.judge
+            model,
+            inputs,
+            circuit,
+            caa,
+            caa_layers,
+            cfg,
+            backend=backend,
+            judge=run.judge,
+            progress=run.progress,
         )
         if run.write:  # keep the expensive generations even if a later stage fails
             _save_table(Path(cfg.out), "sweep_instruct", table)
         stages.start("variants")
-        variants = variants_stage(model, inputs, circuit, cfg, backend=backend)
+        variants = variants_stage(
+            model, inputs, circuit, cfg, backend=backend, progress=run.progress
+        )
     stages.start("neuron cards")
     run.cards = cards_stage(model, inputs, circuit, cfg) if run.write else []
     return dict(found=found, table=table, variants=variants, caa_layers=caa_layers)
@@ -279,7 +290,7 @@ def reproduce(
     names += ["load base", "discover + sweep base"] if base_path is not None else []
     names += ["analyse", "figures + write"]
     stages = _Stages(names, progress, on_stage)
-    run = _Run(cfg, inputs, discovery_config(cfg, inputs), stages, judge, write)
+    run = _Run(cfg, inputs, discovery_config(cfg, inputs), stages, judge, write, progress)
     old_threads = torch.get_num_threads()
     try:
         inst = _instruct_stages(run, instruct_path)
@@ -290,7 +301,9 @@ def reproduce(
             base = load_model(base_path, device=cfg.device)
             run.facts["base_model"] = model_id(base)
             run.stages.start("discover + sweep base")
-            base_found, base_results = base_stage(base, inputs, run.dcfg, cfg, backend=cfg.backend)
+            base_found, base_results = base_stage(
+                base, inputs, run.dcfg, cfg, backend=cfg.backend, progress=run.progress
+            )
             del base
         run.stages.start("analyse")
         overlap, stability = analyse_stage(inst["found"], base_found, run.dcfg, cfg)

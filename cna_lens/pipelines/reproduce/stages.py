@@ -91,6 +91,7 @@ def sweep_instruct_stage(
     *,
     backend: str | Backend,
     judge: Callable[[str, str], float] | None = None,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """CNA, CAA and the random control on every held-out set (the paper's grid)."""
     return paper_sweep(
@@ -106,11 +107,18 @@ def sweep_instruct_stage(
         judge=judge,
         decoding=cfg.decoding,
         backend=backend,
+        progress=progress,
     )
 
 
 def variants_stage(
-    model: Any, inputs: Inputs, circuit: Circuit, cfg: ReproduceConfig, *, backend: str | Backend
+    model: Any,
+    inputs: Inputs,
+    circuit: Circuit,
+    cfg: ReproduceConfig,
+    *,
+    backend: str | Backend,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """The same circuit ablated (m = 0) by the other interventions and signs
     (:data:`cna_lens.evaluation.VARIANTS`) on the harmful and benign sets; one row per
@@ -123,6 +131,7 @@ def variants_stage(
         metrics=paper_metrics(),
         decoding=cfg.decoding,
         backend=backend,
+        progress=progress,
     )
 
 
@@ -147,7 +156,13 @@ def cards_stage(
 
 
 def base_stage(
-    base: Any, inputs: Inputs, dcfg: DiscoveryConfig, cfg: ReproduceConfig, *, backend: str
+    base: Any,
+    inputs: Inputs,
+    dcfg: DiscoveryConfig,
+    cfg: ReproduceConfig,
+    *,
+    backend: str,
+    progress: bool = False,
 ) -> tuple[Found, pd.DataFrame]:
     """The base model's own circuit (same rule) and its sweep at m = 0, 1 and the
     amplifying multipliers, on every held-out set and the capability questions."""
@@ -162,6 +177,7 @@ def base_stage(
         random_control=False,
         decoding=cfg.decoding,
         backend=backend,
+        progress=progress,
     )
     return found, results
 
