@@ -21,8 +21,7 @@ import torch
 
 import cna_lens as cl
 from cna_lens import organism
-from cna_lens.evaluation.grids import dose_figure
-from cna_lens.viz.figures import save_figures
+from cna_lens.viz import dose_figure, save_figures
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ them; CUDA runs use wall time). What is measured (targets from issue 5):
 1.5, 2) x (harmful + benign), ``--eval-prompts`` prompts per set (default 100),
 ``--eval-tokens`` new tokens (default 48), batch 16, done the obvious way (one steered
 ``cna_lens.generate`` per condition through the bridge) and the fast way
-(``cna_lens.generation.fast.FastGenerator``, built inside the timed call), on the organism and on
+(``cna_lens.generate_many(..., backend="fast")``, its backend built inside the timed call), on the organism and on
 every ``--eval-model`` (default: SmolLM2-135M-Instruct when installed). The circuit is
 discovered (0.1%, 1% on the organism) on 32 + 32 prompts. Keys: ``eval_fast_vs_obvious``
 (the CPU-clock speed-up on the largest model measured), ``eval_texts_identical`` (every
@@ -439,7 +439,6 @@ def bench_eval_sweep(
     batch_size: int = 16,
 ) -> dict[str, Any]:
     import cna_lens as cl
-    from cna_lens.generation.fast import Condition, FastGenerator
 
     prompts = [p for ps in sets.values() for p in ps]
     steerings = [cl.Steering(circuit=circuit, multiplier=m) for m in EVAL_STRENGTHS]
@@ -450,12 +449,13 @@ def bench_eval_sweep(
         out["obvious"] = [cl.generate(model, prompts, steering=s, **kw) for s in steerings]
 
     def fast():
-        with FastGenerator(model) as gen:
-            out["fast"] = gen.generate_many(prompts, [Condition(s) for s in steerings], **kw)
+        out["fast"] = cl.generate_many(model, prompts, steerings, backend="fast", **kw).texts
 
     def fast_single():
-        with FastGenerator(model) as gen:
-            out["fast_single"] = [gen.generate(prompts, s, **kw) for s in steerings]
+        with cl.open_backend(model, "fast") as gen:
+            out["fast_single"] = [
+                cl.generate(model, prompts, steering=s, backend=gen, **kw) for s in steerings
+            ]
 
     fns = {"obvious": obvious, "fast": fast, "fast_single": fast_single}
     times = interleaved(fns, rounds, warmup=False)
@@ -576,7 +576,8 @@ def run_real(args: argparse.Namespace) -> dict[str, Any]:
 
     import cna_lens as cl
     from cna_lens.evaluation import prompts as prompt_sets
-    from cna_lens.models import zoo as zoo
+    from cna_lens.models import zoo
+    from cna_lens.models.loading import portable_model_id
 
     started, load_before = time.perf_counter(), os.getloadavg()
     path = Path(zoo.resolve(args.real))
@@ -595,7 +596,7 @@ def run_real(args: argparse.Namespace) -> dict[str, Any]:
     gc.collect()
     details["memory"] = bench_memory(path, args.threads, sizes=(32, 128))
     results = {
-        "model": cl.loading.portable_model_id(path),
+        "model": portable_model_id(path),
         "discovery_vs_forward": details["discovery"]["discovery_vs_forward"],
         "steered_vs_unsteered_tokens": details["steering"]["steered_vs_unsteered_tokens"],
         "baked_vs_unsteered_tokens": details["steering"]["baked_vs_unsteered_tokens"],
