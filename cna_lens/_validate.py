@@ -7,9 +7,10 @@ raises :class:`~cna_lens.errors.CNAError` naming the argument and the valid rang
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeAlias
 
 from cna_lens.errors import CNAError
@@ -24,6 +25,7 @@ __all__ = [
     "check_int",
     "check_numbers",
     "check_real",
+    "dataclass_fields",
 ]
 
 Real: TypeAlias = float | numbers.Real
@@ -201,3 +203,39 @@ def check_layer_set(
     if bad:
         raise CNAError(f"{what} {bad} out of range; valid layers are 0..{n_layers - 1}")
     return out
+
+
+def dataclass_fields(
+    cls: type, data: Any, what: str, *, required: bool = False, extra: Iterable[str] = ()
+) -> dict[str, Any]:
+    """``data`` as keyword arguments of the dataclass ``cls`` (for every ``from_dict``).
+
+    Args:
+        cls: The dataclass.
+        data: The JSON object read back.
+        what: Its name in messages ("discovery config", ...).
+        required: Every field without a default must be present.
+        extra: Keys a ``to_dict`` adds (derived values) that are dropped here.
+
+    Raises:
+        CNAError: not a mapping, unknown keys (the message lists the valid ones), or (with
+            ``required``) missing ones.
+    """
+    if not isinstance(data, Mapping):
+        raise CNAError(f"a {what} must be a JSON object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in set(data) - set(fields) - set(extra))
+    if unknown:
+        raise CNAError(f"unknown {what} keys {unknown}; valid keys: {sorted(fields)}")
+    if required:
+        missing = [
+            n
+            for n, f in fields.items()
+            if n not in data
+            and f.init
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise CNAError(f"{what} is missing keys {missing}")
+    return {k: v for k, v in data.items() if k in fields}

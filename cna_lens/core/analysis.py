@@ -19,14 +19,14 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from cna_lens._validate import Integral, Real, check_int
+from cna_lens._validate import Integral, Real, check_int, dataclass_fields
 from cna_lens.core.activations import NeuronStats, iter_activations
 from cna_lens.core.attribution import Attribution
 from cna_lens.core.circuit import Circuit, Neuron, Provenance
@@ -91,25 +91,12 @@ class LayerDistribution:
         Raises:
             CNAError: not an object, missing or unknown keys.
         """
-        d = _fields_of(cls, data, "layer distribution", optional=("total",))
+        d = dataclass_fields(cls, data, "layer distribution")
+        if "per_layer" in d and "total" not in d:  # absent in summaries of cna_lens 0.1
+            d["total"] = sum(d["per_layer"])
+        d = dataclass_fields(cls, d, "layer distribution", required=True)
         d["per_layer"] = tuple(int(c) for c in d["per_layer"])
-        d.setdefault("total", sum(d["per_layer"]))
         return cls(**d)
-
-
-def _fields_of(
-    cls: type, data: Any, what: str, *, optional: Sequence[str] = (), extra: Sequence[str] = ()
-) -> dict[str, Any]:
-    """``data`` as keyword arguments of the dataclass ``cls``: every field but ``optional``
-    ones present; ``extra`` keys (derived values a ``to_dict`` adds) dropped."""
-    if not isinstance(data, dict):
-        raise CNAError(f"{what} must be a JSON object, got {type(data).__name__}")
-    names = [f.name for f in fields(cls)]
-    unknown = sorted(set(data) - set(names) - set(extra))
-    missing = [n for n in names if n not in data and n not in optional]
-    if unknown or missing:
-        raise CNAError(f"{what}: unknown keys {unknown}, missing keys {missing}; fields: {names}")
-    return {k: v for k, v in data.items() if k in names}
 
 
 def layer_distribution(circuit: Circuit | Sequence[int]) -> LayerDistribution:
@@ -230,7 +217,9 @@ class Overlap:
                 "per_layer_intersection": per["shared"],
                 "per_layer_chance": per["chance"],
             }
-        d = _fields_of(cls, data, "overlap", extra=("per_layer_overlap_fraction",))
+        d = dataclass_fields(
+            cls, data, "overlap", required=True, extra=("per_layer_overlap_fraction",)
+        )
         for key in ("per_layer_a", "per_layer_b", "per_layer_intersection", "per_layer_chance"):
             d[key] = tuple(d[key])
         return cls(**d)

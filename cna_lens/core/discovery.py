@@ -13,7 +13,14 @@ from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any
 
-from cna_lens._validate import Integral, Real, check_int, check_layers, check_real
+from cna_lens._validate import (
+    Integral,
+    Real,
+    check_int,
+    check_layers,
+    check_real,
+    dataclass_fields,
+)
 from cna_lens.core.activations import activation_stats
 from cna_lens.core.attribution import Attribution
 from cna_lens.core.circuit import Circuit, Neuron, Provenance
@@ -143,13 +150,7 @@ class DiscoveryConfig:
         Raises:
             CNAError: not a mapping, unknown keys, or invalid values.
         """
-        if not isinstance(d, dict):
-            raise CNAError(f"a discovery config must be a JSON object, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CNAError(f"unknown discovery config keys {unknown}; valid: {sorted(known)}")
-        d = dict(d)
+        d = dataclass_fields(cls, d, "discovery config")
         for key in ("exclude_layers", "universal_prompts"):
             if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cna_lens import _model_state
-from cna_lens.generation.decoding import Decoding, cut_at_eos, eos_ids
+from cna_lens.generation.decoding import Decoding, cut_at_eos, eos_ids, hf_generate_kwargs
 from cna_lens.models.loading import TokenBatch, pad_id
 from cna_lens.steering.hooks import hooked
 
@@ -42,23 +42,6 @@ class BridgeBackend:
     def close(self) -> None:
         """Nothing to release (kept for the backend interface)."""
 
-    def _kwargs(self, decoding: Decoding) -> dict[str, Any]:
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=decoding.max_new_tokens,
-            do_sample=decoding.do_sample,
-            pad_token_id=self.pad,
-            use_cache=True,
-        )
-        if self.eos:
-            kwargs["eos_token_id"] = self.eos
-        if decoding.do_sample:
-            kwargs["temperature"] = decoding.temperature
-            if decoding.top_p is not None:
-                kwargs["top_p"] = decoding.top_p
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        return kwargs
-
     def run(
         self,
         batches: Sequence[TokenBatch],
@@ -72,7 +55,7 @@ class BridgeBackend:
         ``on_pass(conditions, tokens, seconds)`` is called after every batch.
         """
         n = sum(len(b.indices) for b in batches)
-        kwargs = self._kwargs(decoding)
+        kwargs = hf_generate_kwargs(decoding, self.pad, self.eos)
         results: list[list[list[int]]] = []
         seconds: list[float] = []
         for condition in conditions:

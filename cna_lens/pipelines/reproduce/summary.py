@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pandas as pd
 
+from cna_lens._validate import dataclass_fields
 from cna_lens.core.analysis import LayerDistribution, Overlap, Stability, layer_distribution
 from cna_lens.core.discovery import Discovery
 from cna_lens.errors import CNAError
@@ -37,14 +38,9 @@ Rate = float | None
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise CNAError(f"summary: {where} must be an object, got {type(data).__name__}")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise CNAError(f"summary: {where} has unknown keys {unknown}; valid: {sorted(names)}")
+    kwargs = dataclass_fields(cls, data, f"summary {where} section")
     try:
-        return cls(**data)
+        return cls(**kwargs)
     except TypeError as exc:
         raise CNAError(f"summary: {where}: {exc}") from exc
 
