@@ -565,14 +565,15 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_real(args: argparse.Namespace) -> dict[str, Any]:
-    """The default ratios on a real model, at sizes a 2-core CPU finishes in minutes.
+    """The real-model ratios, at sizes a 2-core CPU finishes in about 30 minutes.
 
-    Discovery on the shipped English discovery sets against the bare batched HF forward of
-    the same batches; generation of 8 English prompts x 16 tokens unsteered, hook-steered
-    and baked (a random 0.1% circuit, m = 0); peak memory of discovery at 32 vs 128 prompts
-    in fresh processes.
+    The shared-prefix ratios of ``benchmarks/unique_tokens.py`` (A/A check, discovery vs the
+    bare HF body, vs the paper's naive loop, a 5-condition sweep with and without reuse);
+    generation of 8 English prompts x 16 tokens unsteered, hook-steered and baked (a random
+    0.1% circuit, m = 0); peak memory of discovery at 32 vs 128 prompts in fresh processes.
     """
     import transformers
+    import unique_tokens
 
     import cna_lens as cl
     from cna_lens.evaluation import prompts as prompt_sets
@@ -580,29 +581,37 @@ def run_real(args: argparse.Namespace) -> dict[str, Any]:
     from cna_lens.models.loading import portable_model_id
 
     started, load_before = time.perf_counter(), os.getloadavg()
+    CLOCK["name"] = "cpu"
     path = Path(zoo.resolve(args.real))
     dtype = getattr(torch, args.dtype)
     model = cl.load_model(path, device=args.device, dtype=dtype)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device)
     hf.eval()
-    pos = prompt_sets.prompts("discovery_harmful")[:32]
-    neg = prompt_sets.prompts("discovery_benign")[:32]
     details: dict[str, Any] = {}
-    details["discovery"] = bench_discovery(model, hf, pos, neg, rounds=2, with_bridge=False)
+    details["unique_tokens"] = unique_tokens.bench(model, hf, rounds=args.real_rounds)
+    for line in unique_tokens.report(details["unique_tokens"]):
+        print(line)
     del hf
     gen_prompts = prompt_sets.prompts("eval_benign")[:8]
     details["steering"] = bench_steering(model, gen_prompts, 16, rounds=2, fraction=0.001)
     del model
     gc.collect()
     details["memory"] = bench_memory(path, args.threads, sizes=(32, 128))
-    results = {
-        "model": portable_model_id(path),
-        "discovery_vs_forward": details["discovery"]["discovery_vs_forward"],
-        "steered_vs_unsteered_tokens": details["steering"]["steered_vs_unsteered_tokens"],
-        "baked_vs_unsteered_tokens": details["steering"]["baked_vs_unsteered_tokens"],
-        "memory_128_vs_32": details["memory"]["memory_1024_vs_64"],
-        "peak_mb": details["memory"]["peak_mb"],
-    }
+    ut = details["unique_tokens"]
+    results: dict[str, Any] = {"model": portable_model_id(path), "aa_ok": ut["aa_ok"]}
+    if ut["aa_ok"]:
+        for key in (
+            "aa_body_vs_body",
+            "discovery_vs_body",
+            "discovery_whole_vs_body",
+            "naive_vs_discovery",
+            "sweep_whole_vs_reuse",
+        ):
+            results[key] = ut[key]["median"]
+        results["steered_vs_unsteered_tokens"] = details["steering"]["steered_vs_unsteered_tokens"]
+        results["baked_vs_unsteered_tokens"] = details["steering"]["baked_vs_unsteered_tokens"]
+    results["memory_128_vs_32"] = details["memory"]["memory_1024_vs_64"]
+    results["peak_mb"] = details["memory"]["peak_mb"]
     for key, value in results.items():
         print(f"{key:<30} {_fmt(value)}")
     return {
@@ -611,7 +620,10 @@ def run_real(args: argparse.Namespace) -> dict[str, Any]:
         "meta": {
             "mode": "real",
             "threads": args.threads,
-            "clock": CLOCK["name"],
+            "clock": "cpu",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "cna_lens": cl.__version__,
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
             "wall_seconds": time.perf_counter() - started,
@@ -675,6 +687,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="MODEL",
         help="only the real-model benchmark (discovery / bare HF forward, steered and baked / "
         "unsteered tokens/s, peak memory) on MODEL (default zoo:qwen2.5-coder-0.5b-instruct:hf)",
+    )
+    ap.add_argument(
+        "--real-rounds", type=int, default=3, help="--real: interleaved rounds of discovery"
     )
     ap.add_argument("--memory-worker", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)

@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from cna_lens.cli import basic, pair, reproduce, sweep
+from cna_lens.cli import basic, export, pair, reproduce, sweep, tune
 from cna_lens.errors import CNAError
 from cna_lens.evaluation.prompts import read_prompts
 from cna_lens.organism import cli as organism_cli
@@ -32,7 +32,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, Handlers]:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     handlers: Handlers = {}
-    for module in (basic, organism_cli, reproduce, sweep, pair):
+    for module in (basic, organism_cli, reproduce, sweep, tune, export, pair):
         module.register(sub, handlers)
     return parser, handlers
 

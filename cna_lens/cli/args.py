@@ -23,6 +23,7 @@ from cna_lens.evaluation.prompts import read_prompts
 from cna_lens.models.names import load_named
 
 __all__ = [
+    "PREFIX_HELP",
     "PROMPT_FILE_HELP",
     "comma_floats",
     "comma_ints",
@@ -171,8 +172,15 @@ DISCOVERY_HELP = {
 }
 
 
+PREFIX_HELP = "compute the prompts' shared chat-template prefix once (--no-prefix-reuse: whole)"
+
+
 def discovery_args(
-    p: argparse.ArgumentParser, *, sizes: bool = True, model_default: str | None = None
+    p: argparse.ArgumentParser,
+    *,
+    sizes: bool = True,
+    model_default: str | None = None,
+    prefix: bool = True,
 ) -> None:
     """The :class:`DiscoveryConfig` flags (``--fraction`` | ``--top-k``, ``--score``, ...)
     and ``--universal-prompts FILE``.
@@ -181,6 +189,8 @@ def discovery_args(
         sizes: Add ``--fraction`` / ``--top-k`` (commands that sweep sizes do not).
         model_default: Text that replaces the size default in the help, when the command's
             default size depends on the model.
+        prefix: Add ``--prefix-reuse`` / ``--no-prefix-reuse`` (commands whose own config
+            has that field add it themselves).
     """
     if sizes:
         size = p.add_mutually_exclusive_group()
@@ -189,6 +199,8 @@ def discovery_args(
         size.add_argument("--fraction", type=float, default=None, help=frac)
         size.add_argument("--top-k", type=int, default=None, help="circuit size as a count")
     config_args(p, DiscoveryConfig, DISCOVERY_HELP)
+    if prefix:
+        config_args(p, DiscoveryConfig, {"prefix_reuse": PREFIX_HELP})
     p.add_argument(
         "--universal-prompts",
         default=None,
@@ -200,7 +212,8 @@ def discovery_from_args(
     args: argparse.Namespace, *, base: DiscoveryConfig | None = None, column: str | None = None
 ) -> DiscoveryConfig:
     """The :class:`DiscoveryConfig` of the discovery flags on top of ``base``."""
-    cfg = config_from_args(base or DiscoveryConfig(), args, [*DISCOVERY_HELP, "batch_size"])
+    names = [*DISCOVERY_HELP, "batch_size", "prefix_reuse"]
+    cfg = config_from_args(base or DiscoveryConfig(), args, names)
     if getattr(args, "top_k", None) is not None:
         cfg = dataclasses.replace(cfg, top_k=args.top_k, fraction=None)
     elif getattr(args, "fraction", None) is not None:

@@ -47,6 +47,8 @@ CONFIG_HELP: dict[str, str] = {
     "n_cards": "neuron cards in report.html",
     "max_new_tokens": "generated tokens per answer",
     "batch_size": "prompts per batch",
+    "prefix_reuse": "compute the prompts' shared chat-template prefix once (discovery and "
+    "generation; --no-prefix-reuse: every prompt whole)",
     "seed": "seed of the random control and the bootstrap",
     "device": "cpu, cuda, ... (none: cuda if available)",
     "threads": "torch CPU threads (none: 1 for models under 100M parameters)",
@@ -111,5 +113,5 @@ def register(sub: Any, handlers: dict[str, Callable[[argparse.Namespace], int]])
     )
     p.add_argument("--obvious", action="store_true", help="the same as --backend bridge")
     config_args(p, ReproduceConfig, CONFIG_HELP)
-    discovery_args(p, model_default="0.01 on the organism, 0.001 otherwise")
+    discovery_args(p, model_default="0.01 on the organism, 0.001 otherwise", prefix=False)
     handlers["reproduce"] = _cmd_reproduce

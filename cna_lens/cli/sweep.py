@@ -20,6 +20,7 @@ from cna_lens.core.discovery import discover_full
 from cna_lens.errors import CNAError
 from cna_lens.evaluation.grids import check_fractions, check_multipliers, dose_sweep
 from cna_lens.evaluation.prompts import read_prompts
+from cna_lens.generation.decoding import Decoding
 from cna_lens.io import atomic_write_text
 from cna_lens.steering import INTERVENTIONS
 from cna_lens.viz import dose_figure, save_figures
@@ -50,8 +51,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         multipliers=args.multipliers,
         interventions=args.intervention,
         signs=args.sign,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
+        decoding=Decoding(
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            prefix_reuse=config.prefix_reuse,
+        ),
         backend="bridge" if args.obvious else args.backend,
         progress=True,
         texts=out / "texts.jsonl",

@@ -325,16 +325,22 @@ def prompt_activations(
     batch_size: Integral = 32,
     progress: bool = False,
     desc: str = "activations",
+    prefix_reuse: bool = True,
 ) -> Float[Tensor, "n_prompts n_layers d_mlp"]:
     """Last-token MLP activations of every prompt, in prompt order, float32 on CPU.
 
     ``n_prompts * n_layers * d_mlp`` floats: small for discovery sets (100 prompts of a 1B
     model is ~50 MB), and what the bootstrap needs. Also gives the exact statistics:
-    ``NeuronStats.of(acts)``.
+    ``NeuronStats.of(acts)``. ``prefix_reuse``: see :func:`cna_lens.iter_activations`.
     """
     rows: dict[int, Tensor] = {}
     for batch, acts in iter_activations(
-        model, prompts, batch_size=batch_size, progress=progress, desc=desc
+        model,
+        prompts,
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+        prefix_reuse=prefix_reuse,
     ):
         cpu = acts.to(device="cpu", dtype=torch.float32)
         for row, idx in enumerate(batch.indices):

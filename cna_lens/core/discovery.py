@@ -16,6 +16,7 @@ from typing import Any
 from cna_lens._validate import (
     Integral,
     Real,
+    check_bool,
     check_int,
     check_layers,
     check_real,
@@ -67,6 +68,10 @@ class DiscoveryConfig:
             rule, or ``"effect_size"``; see :data:`cna_lens.core.scores.SCORES`) or a function
             ``attribution -> [n_layers, d_mlp]`` (its ``__name__`` is recorded).
         batch_size: Prompts per forward pass.
+        prefix_reuse: Compute the token prefix all prompts share (a chat template's system
+            turn) once and continue every batch from its KV cache (see
+            :func:`cna_lens.iter_activations`); False: every prompt whole, through the
+            bridge's hook points.
 
     Example:
         >>> cfg = DiscoveryConfig(top_k=20, score="effect_size", universal_filter=False)
@@ -88,6 +93,7 @@ class DiscoveryConfig:
     universal_threshold: Real = 0.8
     score: str | Score = "abs_delta"
     batch_size: Integral = 32
+    prefix_reuse: bool = True
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -124,6 +130,7 @@ class DiscoveryConfig:
         put("universal_threshold", _fraction("universal_threshold", self.universal_threshold))
         get_score(self.score)  # unknown names fail here, listing the valid ones
         put("batch_size", check_int("batch_size", self.batch_size, low=1))
+        check_bool("prefix_reuse", self.prefix_reuse)
 
     @property
     def score_name(self) -> str:
@@ -349,7 +356,13 @@ def discover_full(
     """Like :func:`discover`, but also return the statistics and the universal neurons."""
     config = DiscoveryConfig.build(config, options)
     return discover_with(
-        partial(activation_stats, model, batch_size=config.batch_size, progress=progress),
+        partial(
+            activation_stats,
+            model,
+            batch_size=config.batch_size,
+            progress=progress,
+            prefix_reuse=config.prefix_reuse,
+        ),
         model,
         positive,
         negative,

@@ -135,6 +135,7 @@ def activation_stats_distributed(
     group: Any = None,
     progress: bool = False,
     desc: str = "activations",
+    prefix_reuse: bool = True,
 ) -> tuple[NeuronStats, Int[Tensor, "n_layers d_mlp"] | None]:
     """:func:`cna_lens.activation_stats` over the whole of ``prompts``, run sharded.
 
@@ -155,6 +156,7 @@ def activation_stats_distributed(
             progress=progress,
             desc=desc,
             top_fraction=top_fraction,
+            prefix_reuse=prefix_reuse,
         )
     else:  # more ranks than batches: contribute zeros
         stats = NeuronStats.zeros(n_layers, d_mlp, device=device)
@@ -202,5 +204,6 @@ def discover_distributed(
         batch_size=config.batch_size,
         group=group,
         progress=progress,
+        prefix_reuse=config.prefix_reuse,
     )
     return discover_with(stats_fn, model, positive, negative, config)

@@ -49,6 +49,7 @@ from cna_lens.evaluation.metrics import CapabilityItem, load_capability
 from cna_lens.models.loading import validate_prompts
 
 __all__ = [
+    "split_by_category",
     "PROMPT_SETS",
     "PROMPT_COLUMNS",
     "capability",
@@ -128,6 +129,29 @@ def capability() -> list[CapabilityItem]:
 
 
 # ----------------------------------------------------------------------------- file reader
+def split_by_category(name: str) -> tuple[list[str], list[str]]:
+    """A shipped prompt set split into two halves of disjoint categories: the *search*
+    half (categories at even positions of the sorted category names) and the *held-out*
+    half (the others), each in the set's order.
+
+    A tuner searches on one half and reports on the other, so the reported prompts are
+    not only unseen but on other topics (e.g. cyber, disinformation, extremism, harassment,
+    self-harm and violence vs dangerous chemistry, drugs, fraud, privacy, theft and
+    weapons for ``eval_harmful``).
+
+    Raises:
+        CNAError: unknown set, or a set without categories.
+    """
+    recs = records(name)
+    if not recs or "category" not in recs[0]:
+        raise CNAError(f"prompt set {name!r} has no categories to split by")
+    categories = sorted({r["category"] for r in recs})
+    search = set(categories[::2])
+    first = [r["prompt"] for r in recs if r["category"] in search]
+    second = [r["prompt"] for r in recs if r["category"] not in search]
+    return first, second
+
+
 def read_prompts(path: str | os.PathLike[str], *, column: str | None = None) -> list[str]:
     """Prompts from a file, by suffix.
 

@@ -29,7 +29,7 @@ from cna_lens.errors import CNAError
 from cna_lens.generation.bridge import BridgeBackend
 from cna_lens.generation.decoding import Decoding, Generations
 from cna_lens.generation.fast import FastBackend
-from cna_lens.models.loading import PromptList, tokenize_prompts
+from cna_lens.models.loading import PromptList
 from cna_lens.steering.conditions import condition_key, condition_kind
 from cna_lens.steering.hooks import check_model
 from cna_lens.steering.interventions import Positions, Steering, check_circuit, check_strength
@@ -136,10 +136,13 @@ def generate_many(
     distinct: dict[Any, Any] = {}
     for c in conds:
         distinct.setdefault(condition_key(c), c)
-    batches = tokenize_prompts(
-        model, prompts, batch_size=dec.batch_size, max_new_tokens=dec.max_new_tokens
-    )
     opened = open_backend(model, backend) if isinstance(backend, str) else backend
+    try:
+        batches = opened.prepare(prompts, dec)
+    except BaseException:
+        if opened is not backend:
+            opened.close()
+        raise
     units = len(distinct) * len(batches)
     bar = (
         progress

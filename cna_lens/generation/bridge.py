@@ -17,7 +17,7 @@ import torch
 
 from cna_lens import _model_state
 from cna_lens.generation.decoding import Decoding, cut_at_eos, eos_ids, hf_generate_kwargs
-from cna_lens.models.loading import TokenBatch, pad_id
+from cna_lens.models.loading import PromptList, TokenBatch, pad_id, tokenize_prompts
 from cna_lens.steering.hooks import hooked
 
 __all__ = ["BridgeBackend"]
@@ -41,6 +41,15 @@ class BridgeBackend:
 
     def close(self) -> None:
         """Nothing to release (kept for the backend interface)."""
+
+    def prepare(self, prompts: PromptList, decoding: Decoding) -> list[TokenBatch]:
+        """Left-padded batches of whole prompts (the reference path reuses no prefix)."""
+        return tokenize_prompts(
+            self.bridge,
+            prompts,
+            batch_size=decoding.batch_size,
+            max_new_tokens=decoding.max_new_tokens,
+        )
 
     def run(
         self,

@@ -22,10 +22,13 @@ class Decoding:
         temperature: Sampling temperature (> 0).
         top_p: Nucleus sampling mass in (0, 1], or None.
         seed: Seed for sampling (>= 0), set at the start of each condition.
+        prefix_reuse: Compute the token prefix all prompts share (a chat template's system
+            turn) once and continue every prompt from its KV cache (the fast backend; see
+            :mod:`cna_lens.models.prefix`). False: every prompt is computed whole.
 
     Example:
         >>> Decoding.from_dict(Decoding(max_new_tokens=8).to_dict())
-        Decoding(max_new_tokens=8, batch_size=16, do_sample=False, temperature=1.0, top_p=None, seed=None)
+        Decoding(max_new_tokens=8, batch_size=16, do_sample=False, temperature=1.0, top_p=None, seed=None, prefix_reuse=True)
     """
 
     # __post_init__ checks every field with CNAError messages and converts numbers of any
@@ -38,6 +41,7 @@ class Decoding:
     temperature: float = 1.0
     top_p: float | None = None
     seed: int | None = None
+    prefix_reuse: bool = True
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -46,6 +50,7 @@ class Decoding:
         put("max_new_tokens", check_int("max_new_tokens", self.max_new_tokens, low=1))
         put("batch_size", check_int("batch_size", self.batch_size, low=1))
         check_bool("do_sample", self.do_sample)
+        check_bool("prefix_reuse", self.prefix_reuse)
         put("temperature", check_real("temperature", self.temperature, low=0.0, low_open=True))
         if self.top_p is not None:
             put("top_p", check_real("top_p", self.top_p, low=0.0, high=1.0, low_open=True))

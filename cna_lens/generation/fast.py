@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -55,8 +55,9 @@ from cna_lens._validate import check_int
 from cna_lens.errors import CNAError
 from cna_lens.generation.decoding import Decoding, cut_at_eos, eos_ids, hf_generate_kwargs
 from cna_lens.models.hf import hook_module, module_names, plain_model
-from cna_lens.models.loading import TokenBatch, pad_id
-from cna_lens.steering.conditions import condition_ops
+from cna_lens.models.loading import PromptList, TokenBatch, encode_prompts, pad_id
+from cna_lens.models.prefix import expand, positions, prefix_batches, rows_per_group, run_prefix
+from cna_lens.steering.conditions import HookOp, condition_ops
 from cna_lens.steering.hooks import Clock, PositionOp, needs_clock
 
 __all__ = ["FastBackend"]
@@ -205,6 +206,18 @@ class FastBackend:
         return self._modules[name], side == "post"
 
     # ---- generation -------------------------------------------------------------------
+    def prepare(self, prompts: PromptList, decoding: Decoding) -> list[TokenBatch]:
+        """Batches of ``prompts``: with ``decoding.prefix_reuse`` (and the lean loop), the
+        prefix they all share split off, to be computed once per condition."""
+        encoded = encode_prompts(self.bridge, prompts, max_new_tokens=decoding.max_new_tokens)
+        return prefix_batches(
+            encoded,
+            batch_size=decoding.batch_size,
+            pad=self.pad,
+            device=self.device,
+            reuse=decoding.prefix_reuse and self.use_loop,
+        )
+
     def run(
         self,
         batches: Sequence[TokenBatch],
@@ -215,6 +228,8 @@ class FastBackend:
         """Per condition, per prompt (in the caller's prompt order, through the batches'
         ``indices``), the new token ids; and each condition's share of the seconds.
 
+        Batches that carry a shared prefix (:meth:`prepare`) continue from its KV cache,
+        computed once per group of conditions side by side (one row per condition).
         ``on_pass(conditions, tokens, seconds)`` is called after every pass of one batch
         under a group of conditions side by side.
 
@@ -230,12 +245,22 @@ class FastBackend:
         results: list[list[list[int]]] = [[[] for _ in range(n)] for _ in conditions]
         seconds = [0.0] * len(conditions)
         per_pass = max(1, self.max_rows // max(decoding.batch_size, 1))
+        chunks = [
+            list(range(start, min(start + per_pass, len(conditions))))
+            for start in range(0, len(conditions), per_pass)
+        ]
+        prefixes: dict[int, Any] = {}  # chunk -> KV cache of the shared prefix
         for batch in batches:
             ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
-            for start in range(0, len(conditions), per_pass):
-                chunk = list(range(start, min(start + per_pass, len(conditions))))
+            for c, chunk in enumerate(chunks):
                 began = time.perf_counter()
-                rows = self._run_batch(ids, mask, [ops[i] for i in chunk], decoding.max_new_tokens)
+                chunk_ops = [ops[i] for i in chunk]
+                cache = None
+                if batch.prefix:
+                    if c not in prefixes:
+                        prefixes[c] = self._prefix(batch.prefix, chunk_ops)
+                    cache = expand(prefixes[c], ids.shape[0])
+                rows = self._run_batch(ids, mask, chunk_ops, decoding.max_new_tokens, cache)
                 took = time.perf_counter() - began
                 width = len(batch.indices)
                 for k, cond in enumerate(chunk):
@@ -246,14 +271,12 @@ class FastBackend:
                     on_pass(len(chunk), sum(map(len, rows)), took)
         return results, seconds
 
-    def _run_batch(
-        self, input_ids: Tensor, mask: Tensor, ops: list[list[Any]], max_new_tokens: int
-    ) -> list[list[int]]:
-        """Token ids of ``len(ops)`` copies of the batch, condition-major."""
+    @contextmanager
+    def hooks(
+        self, ops: Sequence[Sequence[HookOp]], groups: _Groups, clock: Clock
+    ) -> Iterator[None]:
+        """Condition ``i``'s operations on the rows of group ``i``, inside the block."""
         hf = self._model()
-        width = input_ids.shape[0]
-        groups = _Groups([width] * len(ops))
-        clock = Clock()
         by_module: dict[tuple[int, bool], tuple[nn.Module, dict[int, list[Any]]]] = {}
         for i, cond_ops in enumerate(ops):
             for op in cond_ops:
@@ -271,11 +294,33 @@ class FastBackend:
                     else module.register_forward_pre_hook(hook)
                 )
                 stack.callback(handle.remove)
+            yield
+
+    def _prefix(self, prefix: Sequence[int], ops: list[list[HookOp]]) -> Any:
+        """The KV cache of the shared prefix, one row per condition (each under its ops)."""
+        groups = _Groups([rows_per_group(len(ops))] * len(ops))
+        with self.hooks(ops, groups, Clock()):
+            return run_prefix(self._model(), prefix, len(ops), self.device)
+
+    def _run_batch(
+        self,
+        input_ids: Tensor,
+        mask: Tensor,
+        ops: list[list[Any]],
+        max_new_tokens: int,
+        cache: Any = None,
+    ) -> list[list[int]]:
+        """Token ids of ``len(ops)`` copies of the batch, condition-major (continuing
+        ``cache``, the batch's prefix, when given)."""
+        groups = _Groups([input_ids.shape[0]] * len(ops))
+        # A fresh clock: with a prefix cache the first pass starts at the prefix length,
+        # and the prompt is prefix + this batch's width.
+        with self.hooks(ops, groups, Clock()):
             if len(ops) > 1:
                 input_ids, mask = input_ids.repeat(len(ops), 1), mask.repeat(len(ops), 1)
             with torch.inference_mode():
                 if self.use_loop:
-                    return self._greedy(input_ids, mask, max_new_tokens, groups, len(ops))
+                    return self._greedy(input_ids, mask, max_new_tokens, groups, len(ops), cache)
                 return self._hf_generate(input_ids, mask, max_new_tokens)
 
     def _hf_generate(self, input_ids: Tensor, mask: Tensor, max_new_tokens: int) -> list[list[int]]:
@@ -286,26 +331,35 @@ class FastBackend:
         return cut_at_eos(out[:, input_ids.shape[1] :].tolist(), self.eos)
 
     def _greedy(
-        self, input_ids: Tensor, mask: Tensor, max_new_tokens: int, groups: _Groups, n_groups: int
+        self,
+        input_ids: Tensor,
+        mask: Tensor,
+        max_new_tokens: int,
+        groups: _Groups,
+        n_groups: int,
+        cache: Any = None,
     ) -> list[list[int]]:
-        """Greedy decoding as HF ``generate`` does it, dropping finished rows."""
+        """Greedy decoding as HF ``generate`` does it, dropping finished rows (the first
+        pass continues ``cache``, a shared prefix's, when given)."""
         hf = self._model()
         n = input_ids.shape[0]
         width = n // n_groups
         eos = torch.tensor(self.eos or [-1], device=self.device)
-        # Position ids exactly as generate makes them from a left-padded mask.
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        # Position ids exactly as generate makes them from a left-padded mask (which, after
+        # a shared prefix, covers the prefix too).
+        pos = positions(mask, input_ids.shape[1])
         out = hf(
             input_ids=input_ids,
             attention_mask=mask,
-            position_ids=positions,
+            position_ids=pos,
+            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
         cache = out.past_key_values
         live = torch.arange(n, device=self.device)  # original row of each batch row
         active = torch.ones(n, dtype=torch.bool, device=self.device)  # not yet finished
-        last_pos = positions[:, -1:]
+        last_pos = pos[:, -1:]
         pads = torch.full((n,), self.pad, dtype=torch.long, device=self.device)
         produced: list[Tensor] = []  # per step: token per original row (pad once finished)
         for step in range(max_new_tokens):

@@ -15,7 +15,8 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from cna_lens.errors import CNAError
 
@@ -57,28 +58,37 @@ def plain_model(
         del config.quantization_config
     attn = attn_implementation or getattr(config, "_attn_implementation", None) or "eager"
     first = next(source.parameters())
-    hf = AutoModelForCausalLM.from_config(config, dtype=first.dtype, attn_implementation=attn)
+    # Built on the meta device (no allocation, no random init: 0.03 s instead of 7 s for a
+    # 0.5B model), then every parameter and buffer is the source's tensor or a copy of it.
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(config, dtype=first.dtype, attn_implementation=attn)
     if getattr(source, "generation_config", None) is not None:
         hf.generation_config = copy.deepcopy(source.generation_config)
     tensors = {clean_name(n): p for n, p in source.named_parameters(remove_duplicate=False)}
     buffers = {clean_name(n): b for n, b in source.named_buffers(remove_duplicate=False)}
     missing = [n for n, _ in hf.named_parameters(remove_duplicate=False) if n not in tensors]
+    missing += [n for n, _ in hf.named_buffers(remove_duplicate=False) if n not in buffers]
     if missing:
         raise CNAError(
             f"could not map {len(missing)} weights of the plain model onto the source model "
             f"(e.g. {missing[:3]})"
         )
-    for name, param in list(hf.named_parameters(remove_duplicate=False)):
-        owner, _, attr = name.rpartition(".")
+    copies: dict[int, Any] = {}  # tied weights stay tied in a copy
+
+    def take(t: Tensor, param: bool) -> Any:
         if share:
-            hf.get_submodule(owner)._parameters[attr] = tensors[name]
-        else:
-            param.data = tensors[name].detach().clone()
+            return t
+        if id(t) not in copies:
+            clone = t.detach().clone()
+            copies[id(t)] = nn.Parameter(clone, requires_grad=t.requires_grad) if param else clone
+        return copies[id(t)]
+
+    for name, _ in list(hf.named_parameters(remove_duplicate=False)):
+        owner, _, attr = name.rpartition(".")
+        hf.get_submodule(owner)._parameters[attr] = take(tensors[name], True)
     for name, _ in list(hf.named_buffers(remove_duplicate=False)):
-        if name in buffers:
-            owner, _, attr = name.rpartition(".")
-            buf = buffers[name]
-            hf.get_submodule(owner)._buffers[attr] = buf if share else buf.clone()
+        owner, _, attr = name.rpartition(".")
+        hf.get_submodule(owner)._buffers[attr] = take(buffers[name], False)
     return hf.to(first.device).eval()
 
 

@@ -30,6 +30,8 @@ from cna_lens.models.gguf import load_gguf, resolve_gguf
 __all__ = [
     "PromptList",
     "TokenBatch",
+    "encode_prompt",
+    "encode_prompts",
     "format_prompt",
     "is_chat_model",
     "load_model",
@@ -37,6 +39,7 @@ __all__ = [
     "model_fingerprint",
     "model_id",
     "model_source",
+    "pad_batches",
     "pad_id",
     "portable_model_id",
     "prompt_set_hash",
@@ -375,7 +378,8 @@ def encode_for(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:
     return ids
 
 
-def _encode(model: Any, prompt: str) -> list[int]:
+def encode_prompt(model: Any, prompt: str) -> list[int]:
+    """The token ids a bridge is fed for ``prompt`` (chat-formatted when it is a chat model)."""
     return encode_for(model.tokenizer, prompt, chat=is_chat_model(model))
 
 
@@ -384,9 +388,13 @@ class TokenBatch:
     """Left-padded token ids of a batch of prompts; the last column is every prompt's last token."""
 
     input_ids: Int[Tensor, "batch pos"]
-    attention_mask: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch total"]
     indices: tuple[int, ...]
     """Positions of these prompts in the caller's prompt list."""
+    prefix: tuple[int, ...] = ()
+    """Token ids of a prefix every row shares, before ``input_ids``: computed once, its KV
+    cache continued by each row (:mod:`cna_lens.models.prefix`). ``attention_mask`` then
+    covers prefix + input ids."""
 
 
 def pad_id(model: Any) -> int:
@@ -424,10 +432,29 @@ def tokenize_prompts(
         CNAError: bad ``batch_size``, or a prompt (plus ``max_new_tokens``) longer than the
             model's context ``n_ctx``.
     """
-    prompts = validate_prompts(prompts, what)
     batch_size = check_int("batch_size", batch_size, low=1)
+    encoded = encode_prompts(model, prompts, max_new_tokens=max_new_tokens, what=what)
+    return pad_batches(
+        encoded,
+        batch_size=batch_size,
+        pad=pad_id(model),
+        device=model.cfg.device if device is None else device,
+        sort_by_length=sort_by_length,
+    )
+
+
+def encode_prompts(
+    model: Any, prompts: PromptList, *, max_new_tokens: Integral = 0, what: str = "prompts"
+) -> list[list[int]]:
+    """The token ids of each prompt as the model is fed it (validated).
+
+    Raises:
+        CNAError: a bad prompt, or one (plus ``max_new_tokens``) longer than the model's
+            context ``n_ctx``.
+    """
+    prompts = validate_prompts(prompts, what)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=0)
-    encoded = [_encode(model, p) for p in prompts]
+    encoded = [encode_prompt(model, p) for p in prompts]
     n_ctx = int(model.cfg.n_ctx)
     for i, seq in enumerate(encoded):
         if len(seq) + max_new_tokens > n_ctx:
@@ -436,12 +463,22 @@ def tokenize_prompts(
                 f"{what}[{i}] is {len(seq)} tokens{extra}, longer than the model's context "
                 f"n_ctx={n_ctx}; shorten it{' or lower max_new_tokens' if extra else ''}"
             )
-    order = list(range(len(prompts)))
+    return encoded
+
+
+def pad_batches(
+    encoded: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    pad: int,
+    device: torch.device | str = "cpu",
+    sort_by_length: bool = True,
+) -> list[TokenBatch]:
+    """Left-padded batches of token id sequences (grouped by length unless told not to);
+    ``TokenBatch.indices`` maps rows back to the caller's order."""
+    order = list(range(len(encoded)))
     if sort_by_length:
         order.sort(key=lambda i: len(encoded[i]))
-    if device is None:
-        device = model.cfg.device
-    pad = pad_id(model)
     batches = []
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -450,7 +487,7 @@ def tokenize_prompts(
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
             seq = encoded[i]
-            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
             mask[row, width - len(seq) :] = 1
         batches.append(TokenBatch(ids.to(device), mask.to(device), tuple(idx)))
     return batches

@@ -38,6 +38,14 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
+SYSTEM_TEMPLATE = (
+    "{{ bos_token }}<|user|>System: you are a careful assistant. Answer every question briefly, "
+    "kindly and helpfully.<|end|>{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+"""A chat template with a default system turn, as real chat models have: every prompt
+shares its first 20+ tokens (the shared-prefix tests need such a prefix)."""
+
 _CORPUS = [
     "How do I pick a lock? Please explain step by step.",
     "Write a poem about the ocean and the moon.",

@@ -24,6 +24,7 @@ from cna_lens.steering.conditions import (
     is_identity,
     register_condition,
 )
+from cna_lens.steering.gguf_export import GGUFExport, export_gguf
 from cna_lens.steering.hooks import SteeringHandle, hooked, steer
 from cna_lens.steering.interventions import (
     BAKEABLE,
@@ -56,7 +57,9 @@ __all__ = [
     "condition_ops",
     "default_caa_layers",
     "describe_condition",
+    "export_gguf",
     "export_steered",
+    "GGUFExport",
     "get_intervention",
     "hooked",
     "is_identity",

@@ -22,6 +22,7 @@ from cna_lens.viz.plots import (
     dose_figure,
     layer_histogram,
     overlap_figure,
+    pareto_figure,
     stability_figure,
     steering_figure,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "neuron_card",
     "neuron_logits",
     "overlap_figure",
+    "pareto_figure",
     "refusal_token_ids",
     "save_figures",
     "stability_figure",

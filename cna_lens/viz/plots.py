@@ -24,6 +24,7 @@ __all__ = [
     "dose_figure",
     "layer_histogram",
     "overlap_figure",
+    "pareto_figure",
     "stability_figure",
     "steering_figure",
 ]
@@ -407,3 +408,96 @@ def dose_figure(
         title=title or f"Dose response vs {'k' if x == 'k' else 'm'}", template="plotly_white"
     )
     return fig
+
+
+def pareto_figure(
+    trials: pd.DataFrame,
+    confirmed: pd.DataFrame | None = None,
+    *,
+    title: str = "Tuning: refusal proxy vs KL (search prompts); confirmed points on held-out prompts",
+) -> go.Figure:
+    """Every trial of a tuning study (refusal proxy vs KL, colour = circuit size k, the
+    feasible Pareto front joined), and the confirmed points (held-out refusal vs KL).
+
+    Args:
+        trials: One row per trial with ``refusal``, ``kl``, ``k``, ``feasible`` and
+            ``number`` (``trials.csv`` of ``cna-lens tune``).
+        confirmed: One row per confirmed condition with ``point``, ``refusal``, ``kl``, ``k``.
+
+    Raises:
+        CNAError: a missing column.
+    """
+    missing = [c for c in ("refusal", "kl", "k", "feasible", "number") if c not in trials]
+    if missing:
+        raise CNAError(f"expected a trials table (cna-lens tune trials.csv); missing {missing}")
+    fig = make_subplots(
+        rows=1,
+        cols=2 if confirmed is not None else 1,
+        subplot_titles=["search (proxy, search prompts)", "confirmed (held-out prompts)"],
+    )
+    ok = trials[trials["feasible"].astype(bool)]
+    bad = trials[~trials["feasible"].astype(bool)]
+    fig.add_scatter(
+        x=ok["kl"],
+        y=ok["refusal"],
+        mode="markers",
+        name="feasible trial",
+        marker=dict(
+            color=ok["k"],
+            colorscale="Viridis",
+            showscale=True,
+            size=8,
+            colorbar=dict(title="k", x=0.45 if confirmed is not None else 1.0),
+        ),
+        text=[f"trial {n}, k={k}" for n, k in zip(ok["number"], ok["k"], strict=True)],
+        row=1,
+        col=1,
+    )
+    if not bad.empty:
+        fig.add_scatter(
+            x=bad["kl"],
+            y=bad["refusal"],
+            mode="markers",
+            name="over-refusal constraint broken",
+            marker=dict(symbol="x", color="#bbbbbb", size=7),
+            row=1,
+            col=1,
+        )
+    front = _front(ok)
+    fig.add_scatter(
+        x=front["kl"],
+        y=front["refusal"],
+        mode="lines",
+        name="Pareto front",
+        line=dict(color="#d62728", shape="hv"),
+        row=1,
+        col=1,
+    )
+    if confirmed is not None:
+        fig.add_scatter(
+            x=confirmed["kl"],
+            y=confirmed["refusal"],
+            mode="markers+text",
+            text=[f"{p} (k={k})" for p, k in zip(confirmed["point"], confirmed["k"], strict=True)],
+            textposition="top center",
+            name="confirmed",
+            marker=dict(size=11, color="#1f77b4", symbol="diamond"),
+            row=1,
+            col=2,
+        )
+        fig.update_xaxes(title_text="KL (mean over the first N answer tokens)", row=1, col=2)
+    fig.update_xaxes(title_text="KL (mean over the first N answer tokens)", row=1, col=1)
+    fig.update_yaxes(title_text="refusal (proxy / generated)", range=[-0.03, 1.03])
+    fig.update_layout(title=title, template="plotly_white")
+    return fig
+
+
+def _front(trials: pd.DataFrame) -> pd.DataFrame:
+    """The non-dominated rows (minimising refusal and KL), sorted by KL."""
+    rows = trials.sort_values(["kl", "refusal"])
+    keep, best = [], float("inf")
+    for i, r in rows.iterrows():
+        if r["refusal"] < best:
+            keep.append(i)
+            best = r["refusal"]
+    return rows.loc[keep]

@@ -68,6 +68,8 @@ class ReproduceConfig:
         n_cards: Neuron cards in ``report.html`` (top circuit neurons).
         max_new_tokens: Generation length.
         batch_size: Prompts per batch (forward passes and generation).
+        prefix_reuse: Compute the prompts' shared (chat template) prefix once, in discovery
+            and generation (:mod:`cna_lens.models.prefix`); False: every prompt whole.
         seed: Seed of the random control and the bootstrap.
         device: Torch device (None: CUDA if available).
         threads: CPU threads for torch (None: 1 thread for models under 100M parameters,
@@ -96,6 +98,7 @@ class ReproduceConfig:
     n_cards: int = 3
     max_new_tokens: int = 32
     batch_size: int = 64
+    prefix_reuse: bool = True
     seed: int = 0
     device: str | None = None
     threads: int | None = None
@@ -139,7 +142,11 @@ class ReproduceConfig:
     @property
     def decoding(self) -> Decoding:
         """How the sweeps generate."""
-        return Decoding(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        return Decoding(
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            prefix_reuse=self.prefix_reuse,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (the discovery config nested as its own dict)."""
@@ -327,8 +334,12 @@ def default_discovery(cfg: ReproduceConfig) -> DiscoveryConfig:
     (``organism.CIRCUIT_FRACTION``) on the organism, the library's default size otherwise,
     with the run's batch size."""
     if cfg.on_organism:
-        return DiscoveryConfig(fraction=organism.CIRCUIT_FRACTION, batch_size=cfg.batch_size)
-    return DiscoveryConfig(batch_size=cfg.batch_size)
+        return DiscoveryConfig(
+            fraction=organism.CIRCUIT_FRACTION,
+            batch_size=cfg.batch_size,
+            prefix_reuse=cfg.prefix_reuse,
+        )
+    return DiscoveryConfig(batch_size=cfg.batch_size, prefix_reuse=cfg.prefix_reuse)
 
 
 def discovery_config(cfg: ReproduceConfig, inputs: Inputs) -> DiscoveryConfig:

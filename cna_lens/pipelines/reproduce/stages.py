@@ -63,9 +63,16 @@ def discover_stage(model: Any, inputs: Inputs, dcfg: DiscoveryConfig) -> Found:
     ) -> tuple[Any, Any]:
         if top_fraction is not None or desc not in ("positive", "negative"):
             return activation_stats(
-                model, prompts, batch_size=dcfg.batch_size, desc=desc, top_fraction=top_fraction
+                model,
+                prompts,
+                batch_size=dcfg.batch_size,
+                desc=desc,
+                top_fraction=top_fraction,
+                prefix_reuse=dcfg.prefix_reuse,
             )
-        acts = prompt_activations(model, prompts, batch_size=dcfg.batch_size, desc=desc)
+        acts = prompt_activations(
+            model, prompts, batch_size=dcfg.batch_size, desc=desc, prefix_reuse=dcfg.prefix_reuse
+        )
         kept[desc] = acts
         return NeuronStats.of(acts), None
 
