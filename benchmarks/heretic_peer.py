@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -126,9 +127,11 @@ def _choose(options: list[tuple[str, str]]) -> tuple[str, int, int, float]:
     return min(trials, key=lambda t: (t[2], t[3]))
 
 
-def _answer(options: list[tuple[str, str]], saved: bool, chosen: list[Any]) -> str:
+def _answer(options: list[tuple[str, str]], saved: bool, chosen: list[Any], resume: bool) -> str:
     titles = [t for _, t in options]
     if any(t.startswith("Ignore the previous run") for t in titles):
+        if resume and any(t.startswith("Continue the previous run") for t in titles):
+            return _pick(options, "Continue the previous run")
         return _pick(options, "Ignore the previous run")
     if any(t.startswith("Run additional trials") for t in titles):
         if saved:
@@ -142,9 +145,12 @@ def _answer(options: list[tuple[str, str]], saved: bool, chosen: list[Any]) -> s
     raise HereticError(f"unknown heretic menu {options}")
 
 
-def run(exe: Path, workdir: Path, save: Path, *, timeout: float) -> dict[str, Any]:
+def run(
+    exe: Path, workdir: Path, save: Path, *, timeout: float, resume: bool = False
+) -> dict[str, Any]:
     """Run heretic in ``workdir`` (its ``config.toml``), answer its menus, save the chosen
-    trial's merged model to ``save``; return the chosen trial and the wall time."""
+    trial's merged model to ``save``; return the chosen trial and the wall time. ``resume``
+    continues an interrupted study found in ``workdir/checkpoints`` (heretic's own menu)."""
     env = dict(
         os.environ,
         KAGGLE_KERNEL_RUN_TYPE="Batch",
@@ -156,7 +162,7 @@ def run(exe: Path, workdir: Path, save: Path, *, timeout: float) -> dict[str, An
         PYTHONUNBUFFERED="1",
         NO_COLOR="1",
     )
-    log = open(workdir / "heretic.log", "w")
+    log = open(workdir / "heretic.log", "a" if resume else "w")
     proc = subprocess.Popen(
         [str(exe)],
         cwd=workdir,
@@ -194,7 +200,7 @@ def run(exe: Path, workdir: Path, save: Path, *, timeout: float) -> dict[str, An
                 saved = saved or line.startswith("Model saved to")
             answer = None
             if pending.endswith("Enter number: "):
-                answer, options = _answer(options, saved, chosen), []
+                answer, options = _answer(options, saved, chosen, resume), []
             elif pending.endswith("Path to the folder:: "):
                 answer = str(save.resolve())
             elif pending.endswith(("? (y/N) ", "[y/N]: ")):
@@ -219,6 +225,16 @@ def run(exe: Path, workdir: Path, save: Path, *, timeout: float) -> dict[str, An
     }
 
 
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
 def trials(workdir: Path) -> list[dict[str, Any]]:
     """Per-trial refusals and KL from heretic's Optuna journal (a JSON-lines file)."""
     out: dict[int, dict[str, Any]] = {}
@@ -236,6 +252,23 @@ def trials(workdir: Path) -> list[dict[str, Any]]:
             elif op["op_code"] == 8:
                 out[op["trial_id"]].update(op["user_attr"])
     return [t for t in out.values() if t.get("state") == 1]  # complete trials
+
+
+def trial_seconds(workdir: Path) -> float:
+    """Seconds heretic spent in its trials (journal start/complete times), summed: the
+    search's cost even when an interrupted study was continued in a later process."""
+    starts: dict[int, datetime] = {}
+    total, next_id = 0.0, 0
+    for journal in sorted((workdir / "checkpoints").glob("*.jsonl")):
+        for line in journal.read_text().splitlines():
+            op = json.loads(line)
+            if op["op_code"] == 4:
+                starts[next_id] = datetime.fromisoformat(op["datetime_start"])
+                next_id += 1
+            elif op["op_code"] == 6 and op.get("datetime_complete") and op["trial_id"] in starts:
+                done = datetime.fromisoformat(op["datetime_complete"])
+                total += (done - starts[op["trial_id"]]).total_seconds()
+    return round(total, 1)
 
 
 def heretic_stage(
@@ -272,18 +305,33 @@ def heretic_stage(
         record = json.loads(record_path.read_text())
         if Path(record["model"]).is_dir():
             return record  # a finished run of the same config: reused
+    lock = run_dir / "running.pid"
+    if lock.is_file() and _alive(int(lock.read_text().strip() or 0)):
+        raise HereticError(
+            f"another heretic run is in progress in {run_dir} (pid {lock.read_text().strip()}); "
+            "wait for it (its record is reused when it has the same config)"
+        )
     exe = install(log=run_dir / "install.log")
-    if (run_dir / "checkpoints").exists():
-        shutil.rmtree(run_dir / "checkpoints")
-    (run_dir / "config.toml").write_text(text)
+    config = run_dir / "config.toml"
+    resume = config.is_file() and config.read_text() == text and bool(trials(run_dir))
+    if not resume and (run_dir / "checkpoints").exists():
+        shutil.rmtree(run_dir / "checkpoints")  # another config's study: start afresh
+    resumed_after = len(trials(run_dir)) if resume else 0
+    config.write_text(text)
     save = run_dir / "model"
-    result = run(exe, run_dir, save, timeout=timeout)
+    lock.write_text(str(os.getpid()))
+    try:
+        result = run(exe, run_dir, save, timeout=timeout, resume=resume)
+    finally:
+        lock.unlink(missing_ok=True)
     record = {
         "model": str(save.resolve()),
         "heretic_version": version(),
         **result,
         "n_trials": trials_n,
         "n_startup_trials": startup,
+        "resumed_after_trials": resumed_after,
+        "trial_seconds": trial_seconds(run_dir),
         "trials": trials(run_dir),
     }
     record_path.write_text(json.dumps(record, indent=1))

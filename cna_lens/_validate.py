@@ -37,7 +37,9 @@ Integral: TypeAlias = int | numbers.Integral
 (checked and converted by :func:`check_int`)."""
 
 
-def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+def _range_text(
+    low: float | int | None, high: float | int | None, low_open: bool, high_open: bool
+) -> str:
     if low is None and high is None:
         return ""
     if high is None:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from cna_lens._validate import check_int
+from cna_lens.errors import CNAError
 from cna_lens.generation import Decoding, FastBackend, generate_many
 from cna_lens.generation.decoding import eos_ids
 from cna_lens.generation.forward import Scorer
@@ -125,16 +126,44 @@ class KLReference:
         Raises:
             CNAError: the condition does not fit the model or the scorer's start layer.
         """
-        first = [0.0] * self.scorer.n
-        mean = [0.0] * self.scorer.n
-        masses = [0.0] * self.scorer.n
+        return self._measure(self.scorer, condition, mass_ids)
+
+    def measure_model(self, backend: FastBackend, condition: Any = None) -> KLResult:
+        """KL of another model (e.g. one a peer tool wrote: same tokenizer, same shapes of
+        token ids) against this reference, on the same sequences.
+
+        Raises:
+            CNAError: the other model's vocabulary differs from the reference's.
+        """
+        other = Scorer(
+            backend,
+            self.scorer.sequences,
+            keep=self.scorer.keep,
+            targets=self.scorer.targets,
+            batch_size=self.scorer.batch_size,
+            prefix_reuse=bool(self.scorer.prefix),
+        )
+        if [b.indices for b in other.batches] != [b.indices for b in self.scorer.batches]:
+            raise CNAError("the other model batches the sequences differently")
+        vocab = int(backend.bridge.cfg.d_vocab)
+        if vocab != int(self._reference[0].shape[-1]):
+            raise CNAError(
+                f"the other model has a vocabulary of {vocab}, the reference "
+                f"{int(self._reference[0].shape[-1])}; KL needs the same tokens"
+            )
+        return self._measure(other, condition, None)
+
+    def _measure(self, scorer: Scorer, condition: Any, mass_ids: Sequence[int] | None) -> KLResult:
+        first = [0.0] * scorer.n
+        mean = [0.0] * scorer.n
+        masses = [0.0] * scorer.n
         ids = None if mass_ids is None else torch.tensor(list(mass_ids), dtype=torch.long)
-        step = iter(range(len(self.scorer.batches)))
+        step = iter(range(len(scorer.batches)))
 
         def reduce(batch: TokenBatch, logprobs: Tensor) -> None:
             ref = self._reference[next(step)]
             kl = (ref.exp() * (ref - logprobs)).sum(-1).clamp_min(0.0)  # [batch, keep]
-            mask = self.scorer.target_mask(batch)
+            mask = scorer.target_mask(batch)
             start = mask.float().argmax(-1)  # each row's first counted position
             rows = torch.arange(kl.shape[0])
             per_first = kl[rows, start]
@@ -146,8 +175,8 @@ class KLReference:
                 for r, i in enumerate(batch.indices):
                     masses[i] = float(p[r])
 
-        self.scorer.run(condition, reduce)
-        n = self.scorer.n
+        scorer.run(condition, reduce)
+        n = scorer.n
         return KLResult(
             first=sum(first) / n,
             mean=sum(mean) / n,

@@ -95,6 +95,8 @@ class Scorer:
         self.keep = check_int("keep", keep, low=1)
         n_layers = int(backend.bridge.cfg.n_layers)
         self.start_layer = check_int("start_layer", start_layer, low=0, high=n_layers - 1)
+        self.sequences = [list(s) for s in sequences]
+        self.batch_size = check_int("batch_size", batch_size, low=1)
         self.n = len(sequences)
         if not self.n:
             raise CNAError("no sequences to score")

