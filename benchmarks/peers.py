@@ -1,7 +1,7 @@
 """CNA against abliteration and CAA on one real model, one protocol, side by side.
 
     python benchmarks/peers.py --model zoo:qwen2.5-coder-0.5b-instruct:hf --out DIR
-        [--tune-budget 15] [--heretic-trials 50] [--heretic-minutes 130] [--no-heretic]
+        [--tune-budget 15 | --no-tune] [--heretic-trials 50] [--heretic-minutes 130] [--no-heretic]
 
 Every method sees the same prompts (the shipped sets, split by category as ``cna-lens tune``
 splits them: discovery sets to find circuits/directions, *search* prompts to choose
@@ -78,8 +78,11 @@ def _choose(rows: list[dict[str, Any]], kl_limit: float) -> dict[str, Any]:
     return min(rows, key=lambda r: r["kl"])
 
 
-def baseline_search(model: Any, prompts: Any, kl_limit: float, out: Path) -> dict[str, Any]:
-    """CAA strengths and ablation layers scored on the search prompts; the chosen ones."""
+def baseline_search(
+    model: Any, prompts: Any, kl_limit: float | None, out: Path, reference: Any
+) -> dict[str, Any]:
+    """CAA strengths and ablation layers scored on the search prompts; the chosen ones.
+    ``kl_limit`` None (no tune run): the search KL of ``reference`` (CNA top_k=1600)."""
     import cna_lens as cl
     from cna_lens.evaluation.kl import KLReference
     from cna_lens.evaluation.proxy import RefusalProxy
@@ -98,6 +101,8 @@ def baseline_search(model: Any, prompts: Any, kl_limit: float, out: Path) -> dic
         proxy = RefusalProxy(backend, prompts.search_harmful, prompts.search_harmless)
         kl = KLReference(backend, prompts.search_harmless, tokens=16)
         shared = time.perf_counter() - began
+        if kl_limit is None:
+            kl_limit = kl.measure(reference).mean
         candidates: list[tuple[str, Any, dict[str, Any]]] = [
             ("caa", cl.CAA(vectors, a), {"alpha": a}) for a in CAA_ALPHAS
         ]
@@ -163,74 +168,83 @@ def _default_system_prompt(model: Any) -> str | None:
     return None
 
 
+def _rates(table: Any) -> dict[str, dict[str, dict[str, float]]]:
+    from cna_lens.evaluation.engine import summarize
+
+    s = summarize(table, by=["row"]).set_index(["row", "prompt_set"])
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    for (row, pset), r in s.iterrows():
+        result.setdefault(str(row), {})[str(pset)] = r.to_dict()
+    return result
+
+
+def _row(name: str, r: dict[str, dict[str, float]], kl: Any) -> dict[str, Any]:
+    return {
+        "row": name,
+        "refusal": r["harmful"]["refusal_rate"],
+        "over_refusal": r["benign"]["refusal_rate"],
+        "quality": (r["harmful"]["quality"] + r["benign"]["quality"]) / 2,
+        "capability": r["capability"]["accuracy"],
+        "kl_first": kl.first,
+        "kl": kl.mean,
+    }
+
+
 def evaluate_rows(
     model: Any, prompts: Any, arms: list[Any], heretic: dict[str, Any], out: Path
 ) -> list[dict[str, Any]]:
-    """Every row scored on the held-out prompts by the same code."""
+    """Every row scored on the held-out prompts by the same code. Rows already scored (in
+    ``out/rows.json``) are kept, so heretic's row can be added when its run finishes."""
     import cna_lens as cl
     from cna_lens.evaluation import prompts as prompt_sets
-    from cna_lens.evaluation.engine import evaluate, summarize
+    from cna_lens.evaluation.engine import evaluate
     from cna_lens.evaluation.kl import KLReference
     from cna_lens.evaluation.metrics import paper_metrics
     from cna_lens.generation import Decoding, FastBackend
 
+    cache = out / "rows.json"
+    done: dict[str, dict[str, Any]] = (
+        {r["row"]: r for r in json.loads(cache.read_text())} if cache.is_file() else {}
+    )
+    todo = [a for a in arms if a.tags["row"] not in done]
+    want_heretic = "model" in heretic and "heretic" not in done
+    if not todo and not want_heretic:
+        return list(done.values())
     capability = prompt_sets.capability()[:N_CAPABILITY]
     sets = {"harmful": prompts.heldout_harmful, "benign": prompts.heldout_harmless}
     decoding = Decoding(max_new_tokens=EVAL_TOKENS, batch_size=16)
 
-    def rates(table: Any) -> dict[str, dict[str, float]]:
-        s = summarize(table, by=["row"]).set_index(["row", "prompt_set"])
-        result: dict[str, dict[str, float]] = {}
-        for (row, pset), r in s.iterrows():
-            result.setdefault(row, {})[pset] = r.to_dict()
-        return result
-
-    with FastBackend(model) as backend:
-        table = evaluate(
-            model,
+    def score(m: Any, backend: Any, rows: list[Any], label: str) -> Any:
+        return evaluate(
+            m,
             sets,
-            arms,
+            rows,
             metrics=paper_metrics(),
             capability=capability,
             decoding=decoding,
             backend=backend,
             progress=True,
-            texts=out / "texts.jsonl",
+            texts=out / f"texts_{label}.jsonl",
         )
+
+    with FastBackend(model) as backend:
         kl = KLReference(backend, prompts.heldout_harmless, tokens=16)
-        kls = {a.tags["row"]: kl.measure(a.condition) for a in arms}
-        by_row = rates(table)
-        if "model" in heretic:
+        if todo:
+            by_row = _rates(score(model, backend, todo, "cna_lens"))
+            for a in todo:
+                name = a.tags["row"]
+                done[name] = _row(name, by_row[name], kl.measure(a.condition))
+            _json(cache, list(done.values()))
+        if want_heretic:
             other = cl.load_model(heretic["model"], device="cpu")
             with FastBackend(other) as hb:
-                htable = evaluate(
-                    other,
-                    sets,
-                    [cl.evaluation.Arm(None, {"row": "heretic"})],
-                    metrics=paper_metrics(),
-                    capability=capability,
-                    decoding=decoding,
-                    backend=hb,
-                    progress=True,
-                    texts=out / "texts_heretic.jsonl",
+                r = _rates(
+                    score(other, hb, [cl.evaluation.Arm(None, {"row": "heretic"})], "heretic")
                 )
-                kls["heretic"] = kl.measure_model(hb)
-            by_row.update(rates(htable))
+                done["heretic"] = _row("heretic", r["heretic"], kl.measure_model(hb))
             del other
-    rows = []
-    for name, r in by_row.items():
-        rows.append(
-            {
-                "row": name,
-                "refusal": r["harmful"]["refusal_rate"],
-                "over_refusal": r["benign"]["refusal_rate"],
-                "quality": (r["harmful"]["quality"] + r["benign"]["quality"]) / 2,
-                "capability": r["capability"]["accuracy"],
-                "kl_first": kls[name].first,
-                "kl": kls[name].mean,
-            }
-        )
-    return rows
+            _json(cache, list(done.values()))
+    return list(done.values())
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -249,22 +263,25 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--heretic-trials", type=int, default=50)
     ap.add_argument("--heretic-minutes", type=float, default=130.0, help="heretic's time limit")
     ap.add_argument("--no-heretic", action="store_true")
+    ap.add_argument(
+        "--no-tune",
+        action="store_true",
+        help="skip cna-lens tune (no tuned row; the baselines' KL limit is then the search "
+        "KL of CNA top_k=1600)",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    tuned = tune_stage(args.model, out, args.tune_budget)
+    tuned = {} if args.no_tune else tune_stage(args.model, out, args.tune_budget)
     rec = tuned.get("recommended")
     model_dir = Path(resolve_model(args.model))
     model = cl.load_model(model_dir, device="cpu")
     prompts = load_tune_prompts(TuneConfig(model=args.model))
-    front = {t["number"]: t for t in tuned["front"]}
-    kl_limit = front[rec["trial"]]["kl"] if rec else min(t["kl"] for t in tuned["front"])
-    base = baseline_search(model, prompts, kl_limit, out)
-    heretic = heretic_stage(model, model_dir, prompts, args)
-
+    began = time.perf_counter()
     found = cl.discover_full(model, prompts.discovery_harmful, prompts.discovery_benign)
+    discover_seconds = time.perf_counter() - began
     n_total = int(model.cfg.n_layers) * int(model.cfg.d_mlp)
     top1600 = circuit_from_attribution(
         found.attribution,
@@ -272,6 +289,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         universal=found.universal,
         provenance=found.circuit.provenance,
     )
+    kl_limit: float | None = None
+    if tuned:
+        front = {t["number"]: t for t in tuned["front"]}
+        kl_limit = front[rec["trial"]]["kl"] if rec else min(t["kl"] for t in tuned["front"])
+    base = baseline_search(
+        model, prompts, kl_limit, out, cl.Steering(circuit=top1600, multiplier=0.0)
+    )
+    kl_limit = base["kl_limit"]
+    heretic = heretic_stage(model, model_dir, prompts, args)
     vectors = cl.compute_caa(model, prompts.discovery_harmful, prompts.discovery_benign)
     arms = [
         cl.evaluation.Arm(None, {"row": "unsteered"}),
@@ -286,7 +312,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             {"row": "directional ablation"},
         ),
     ]
-    if (out / "tune" / "steering.json").is_file():
+    if tuned and (out / "tune" / "steering.json").is_file():
         tuned_steering = cl.Steering.load(out / "tune" / "steering.json")
         arms.insert(3, cl.evaluation.Arm(tuned_steering, {"row": "CNA tuned"}))
     rows = evaluate_rows(model, prompts, arms, heretic, out)
@@ -303,9 +329,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if rec:
         touched["CNA tuned"] = f"{rec['k']} neurons ({rec['k'] / n_total:.2%})"
     seconds = {
-        "CNA 0.1%": tuned["stage_seconds"]["discover"],
-        "CNA top_k=1600": tuned["stage_seconds"]["discover"],
-        "CNA tuned": tuned["seconds"],
+        "CNA 0.1%": discover_seconds,
+        "CNA top_k=1600": discover_seconds,
+        "CNA tuned": tuned.get("seconds"),
         "CAA": base["seconds"]["caa"],
         "directional ablation": base["seconds"]["ablation"],
         "heretic": heretic.get("wall_seconds"),
@@ -313,7 +339,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for row in rows:
         row["touches"] = touched.get(row["row"], "")
         row["search_seconds"] = seconds.get(row["row"])
-    if "error" in heretic:
+    if "error" in heretic and not any(r["row"] == "heretic" for r in rows):
         rows.append({"row": "heretic", "error": heretic["error"]})
     else:
         for row in rows:

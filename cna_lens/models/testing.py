@@ -30,7 +30,7 @@ __all__ = [
     "write_gguf",
 ]
 
-Arch = Literal["llama", "qwen2", "qwen3", "mistral", "gemma2", "gpt2"]
+Arch = Literal["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "gpt2"]
 ARCHITECTURES: tuple[str, ...] = get_args(Arch)
 
 CHAT_TEMPLATE = (
@@ -142,6 +142,20 @@ def make_random_model_dir(
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {**common, "head_dim": head_dim}),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM, common),
         "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {**common, "head_dim": head_dim}),
+        # gemma-3-270m's family: sliding and full attention layers, q/k norms, post-norms.
+        "gemma3": (
+            tf.Gemma3TextConfig,
+            tf.Gemma3ForCausalLM,
+            {
+                **common,
+                "head_dim": head_dim,
+                "sliding_window": 16,
+                "layer_types": [
+                    "full_attention" if (i + 1) % 3 == 0 else "sliding_attention"
+                    for i in range(n_layers)
+                ],
+            },
+        ),
         "gpt2": (
             tf.GPT2Config,
             tf.GPT2LMHeadModel,

@@ -291,6 +291,9 @@ def _write(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # a normal file's mode, not mkstemp's private 0600
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from cna_lens.errors import CNAError
@@ -65,3 +67,17 @@ def test_installed_qwen_1_5b_joins_into_its_gguf():
 
     assert field("qwen2.block_count") == 28
     assert field("qwen2.feed_forward_length") == 8960
+
+
+@pytest.mark.slow  # dequantising the 262k-token embedding takes 30-120 s on 2 cores
+@pytest.mark.skipif(
+    not zoo.is_installed("gemma-3-270m"),
+    reason="gemma-3-270m is not installed: " + REAL_MODELS.lookup("gemma-3-270m").install,
+)
+def test_gemma_3_270m_base_loads_and_describes_itself(capsys):
+    from cna_lens.cli import main
+
+    assert main(["info", "--model", "zoo:gemma-3-270m"]) == 0
+    out = capsys.readouterr().out
+    assert "Gemma3ForCausalLM" in out
+    assert re.search(r"n_layers\s+18\b", out) and re.search(r"d_mlp\s+2048\b", out)

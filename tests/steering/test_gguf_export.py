@@ -4,6 +4,7 @@ source's bytes, and what does not fold is refused."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -111,6 +112,8 @@ def test_metadata_is_copied_and_records_the_steering(tiny, tmp_path):
     assert (
         json.loads(bytes(new.fields["cna_lens.changed_tensors"].parts[-1]).decode()) == out.tensors
     )
+    assert out.path.stat().st_mode & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044
+    assert [p.name for p in tmp_path.iterdir()] == ["s.gguf"]  # no partial file left
 
 
 def test_what_does_not_fold_is_refused(tiny, tmp_path, model_dirs):
@@ -134,3 +137,40 @@ def test_what_does_not_fold_is_refused(tiny, tmp_path, model_dirs):
         )
     with pytest.raises(CNAError, match=r"\.gguf"):
         export_gguf(path, Steering(circuit=circuit, multiplier=0.0), tmp_path / "x.bin")
+
+
+LLAMA_CPP = "CMAKE_ARGS=-DLLAVA_BUILD=OFF pip install llama-cpp-python==0.3.36"
+
+
+def _llama_cpp_logits(path, ids):
+    """Logits of every position of one prompt, computed by llama.cpp itself."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason=f"llama.cpp check needs: {LLAMA_CPP}")
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=128, n_threads=1, logits_all=True, verbose=False
+    )
+    try:
+        llm.eval(ids)
+        return torch.tensor(np.array(llm.scores[: len(ids)]))
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("method", ["up", "down"])
+def test_llama_cpp_reads_the_exported_file_as_the_hooked_model(tiny, tmp_path, method):
+    """A real GGUF client: llama.cpp on the exported file gives the hooked model's logits
+    (F32 weights; llama.cpp sums in another order, hence 1e-3), and not the source's."""
+    path, model, circuit = tiny
+    steering = Steering(circuit=circuit, multiplier=0.0)
+    out = export_gguf(path, steering, tmp_path / "steered.gguf", method=method)
+    batch = cna_lens.tokenize_prompts(model, PROMPTS[:1], batch_size=1)[0]
+    ids = batch.input_ids[0].tolist()
+    with torch.inference_mode():
+        plain = model(batch.input_ids)[0]
+        with cna_lens.steer(model, steering):
+            hooked = model(batch.input_ids)[0]
+    source = _llama_cpp_logits(path, ids)
+    exported = _llama_cpp_logits(out.path, ids)
+    torch.testing.assert_close(source, plain, rtol=0, atol=1e-3)  # the client reads the model
+    torch.testing.assert_close(exported, hooked, rtol=0, atol=1e-3)
+    # the steering moves the logits far more than the client differs from cna_lens
+    assert (exported - source).abs().max() > 10 * (exported - hooked).abs().max()
