@@ -101,6 +101,7 @@ class LlamaCpp:
 
     def close(self) -> None:
         self.llm.close()
+        del self.llm  # collected now, not at interpreter exit (where its __del__ fails)
 
 
 def _steering(model: Any, path: str | None) -> Any:

@@ -363,6 +363,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "torch_threads": torch.get_num_threads(),
     }
     _json(out / "peers.json", record)
+    (out / "peers.md").write_text(format_table(rows) + "\n")
+    from cna_lens.viz import methods_figure, save_figures
+
+    name = Path(args.model.removeprefix("zoo:").removesuffix(":hf")).name
+    saved = save_figures(
+        {"peers": methods_figure(rows, title=f"{name}: refusal vs damage (held-out)")},
+        out,
+    )
+    if saved.png_error:
+        print(f"(no PNG: {saved.png_error})")
     print(format_table(rows))
     return rows
 

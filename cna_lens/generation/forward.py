@@ -207,6 +207,8 @@ class Scorer:
         return out.logits.to(torch.float32)
 
     def _check(self, ops: Sequence[HookOp]) -> None:
+        if self.start_layer == 0:
+            return  # the whole model runs: the embedding's hook points too
         low = [op.hook for op in ops if hook_layer(op.hook) < self.start_layer]
         if low:
             raise CNAError(

@@ -9,6 +9,7 @@ Every function takes data (circuits, :class:`~cna_lens.core.analysis.Overlap`,
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -23,6 +24,7 @@ __all__ = [
     "capability_figure",
     "dose_figure",
     "layer_histogram",
+    "methods_figure",
     "overlap_figure",
     "pareto_figure",
     "stability_figure",
@@ -488,6 +490,62 @@ def pareto_figure(
         fig.update_xaxes(title_text="KL (mean over the first N answer tokens)", row=1, col=2)
     fig.update_xaxes(title_text="KL (mean over the first N answer tokens)", row=1, col=1)
     fig.update_yaxes(title_text="refusal (proxy / generated)", range=[-0.03, 1.03])
+    fig.update_layout(title=title, template="plotly_white")
+    return fig
+
+
+def methods_figure(
+    rows: pd.DataFrame | Sequence[Mapping[str, Any]],
+    *,
+    title: str = "Refusal vs damage, one point per method (held-out prompts)",
+) -> go.Figure:
+    """Methods side by side: refusal on harmful prompts against the KL divergence on
+    harmless ones (left), and over-refusal on benign prompts (right), one labelled point
+    per row (e.g. ``benchmarks/peers.py``'s rows: CNA sizes, CAA, directional ablation,
+    heretic). Lower-left is better on the left panel.
+
+    Args:
+        rows: One row per method with ``row`` (the label), ``refusal``, ``over_refusal``
+            and ``kl``; rows without a ``refusal`` (a method that did not run) are left out.
+
+    Raises:
+        CNAError: a missing column, or no row with numbers.
+    """
+    table = pd.DataFrame(list(rows) if not isinstance(rows, pd.DataFrame) else rows)
+    missing = [c for c in ("row", "refusal", "over_refusal", "kl") if c not in table]
+    if missing:
+        raise CNAError(f"expected rows with row, refusal, over_refusal, kl; missing {missing}")
+    table = table.dropna(subset=["refusal", "kl"])
+    if table.empty:
+        raise CNAError("no row has numbers to plot")
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=["refusal (harmful) vs KL (harmless)", "over-refusal (benign)"],
+        column_widths=[0.62, 0.38],
+    )
+    fig.add_scatter(
+        x=table["kl"],
+        y=table["refusal"],
+        mode="markers+text",
+        text=table["row"],
+        textposition="top center",
+        marker=dict(size=11, color="#1f77b4"),
+        showlegend=False,
+        row=1,
+        col=1,
+    )
+    fig.add_bar(
+        x=table["row"],
+        y=table["over_refusal"],
+        marker_color="#ff7f0e",
+        showlegend=False,
+        row=1,
+        col=2,
+    )
+    fig.update_xaxes(title_text="KL (mean over the first 16 answer tokens)", row=1, col=1)
+    fig.update_yaxes(title_text="refusal rate", range=[-0.05, 1.05], row=1, col=1)
+    fig.update_yaxes(title_text="over-refusal rate", range=[0, 1], row=1, col=2)
     fig.update_layout(title=title, template="plotly_white")
     return fig
 

@@ -82,3 +82,15 @@ def test_bad_input_is_refused(llama, load, vectors):
     gemma = load("gemma2")
     with pytest.raises(CNAError, match="normalises"):
         residual_writes(gemma)
+
+
+def test_kl_and_proxy_score_an_ablation(llama, vectors, prompts):
+    """The scorers run the embedding's hook points too (the whole model from layer 0)."""
+    from cna_lens.evaluation.kl import KLReference
+    from cna_lens.generation import FastBackend
+
+    pos, neg = prompts
+    with FastBackend(llama) as backend:
+        kl = KLReference(backend, neg, tokens=4)
+        assert kl.measure(DirectionalAblation(vectors, layer=1, strength=0.0)).mean == 0.0
+        assert kl.measure(DirectionalAblation(vectors, layer=1, strength=4.0)).mean > 0.0

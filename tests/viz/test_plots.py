@@ -13,6 +13,7 @@ from cna_lens.viz import figures as figures
 from cna_lens.viz.plots import (
     capability_figure,
     layer_histogram,
+    methods_figure,
     overlap_figure,
     stability_figure,
     steering_figure,
@@ -142,3 +143,20 @@ def test_png_export_when_a_renderer_is_available(tmp_path):
     saved = figures.save_figures({"s": stability_figure([0.5, 1.0])}, tmp_path)
     assert saved.png_error is None
     assert saved.png["s"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_methods_figure_one_point_per_method_that_ran():
+    rows = [
+        {"row": "unsteered", "refusal": 0.5, "over_refusal": 0.1, "kl": 0.0},
+        {"row": "CNA top_k=1600", "refusal": 0.1, "over_refusal": 0.0, "kl": 0.2},
+        {"row": "heretic", "error": "not run (--no-heretic)"},
+    ]
+    fig = methods_figure(rows)
+    points, bars = fig.data
+    assert list(points.text) == ["unsteered", "CNA top_k=1600"]
+    assert list(points.x) == [0.0, 0.2] and list(points.y) == [0.5, 0.1]
+    assert list(bars.y) == [0.1, 0.0]
+    with pytest.raises(CNAError, match="missing"):
+        methods_figure([{"row": "x", "refusal": 0.1}])
+    with pytest.raises(CNAError, match="no row"):
+        methods_figure([rows[2] | {"refusal": None, "over_refusal": None, "kl": None}])
