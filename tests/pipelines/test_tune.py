@@ -177,3 +177,26 @@ def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.8660254)
+
+
+def test_a_new_study_starts_at_the_paper_points(tmp_path):
+    """The paper's 0.1% and the paper code's top_k=1600 (scale, m = 0) are the first trials
+    where they lie in the size range; a resumed study is not seeded again."""
+    import optuna
+
+    from cna_lens.pipelines.tune.run import _seed_paper_point, _study
+
+    cfg = TuneConfig(model="organism:instruct", out=str(tmp_path), fractions=(0.0001, 0.03))
+    study = _study(cfg)
+    _seed_paper_point(study, cfg, first=3, n_total=116_736)  # the 0.5B's 24 x 4,864
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    queued = [t.system_attrs["fixed_params"] for t in waiting]
+    assert [round(q["fraction"] * 116_736) for q in queued] == [117, 1600]
+    assert all(q["intervention"] == "scale" and q["multiplier"] == 0.0 for q in queued)
+    assert {q["first_layer"] for q in queued} == {3}
+    _seed_paper_point(study, cfg, first=3, n_total=116_736)
+    assert len(study.trials) == 2  # already seeded: nothing added
+    small = TuneConfig(model="organism:instruct", out=str(tmp_path / "s"))
+    study = _study(small)
+    _seed_paper_point(study, small, first=0, n_total=4096)  # 1600 is 39%: out of range
+    assert len(study.trials) == 1

@@ -43,7 +43,13 @@ from cna_lens.pipelines.tune.config import (
     load_tune_prompts,
     overlap_counts,
 )
-from cna_lens.pipelines.tune.confirm import choose, confirm, confirmation_arms, spread
+from cna_lens.pipelines.tune.confirm import (
+    PAPER_TOP_K,
+    choose,
+    confirm,
+    confirmation_arms,
+    spread,
+)
 from cna_lens.pipelines.tune.search import (
     Objectives,
     Point,
@@ -180,22 +186,28 @@ def _study(cfg: TuneConfig) -> optuna.Study:
 
 
 def _seed_paper_point(study: optuna.Study, cfg: TuneConfig, first: int, n_total: int) -> None:
-    """Start a new study at the paper's rule (0.1%, scale both signs, m = 0), if it is in
-    the space: the first trial then shows what the paper's recommendation does."""
-    if study.trials or not cfg.fractions[0] <= 0.001 <= cfg.fractions[1]:
+    """Start a new study at the paper's rule (0.1%, scale both signs, m = 0) and the paper
+    code's size (``top_k=1600``, the same rule), where they are in the space: the first
+    trials then show what the paper's recommendations do, and the ``scale`` intervention
+    is measured at two sizes before the sampler's random start (seeded TPE drew ``mean``
+    for all nine random trials of a 0.5B study that began with one seeded point)."""
+    if study.trials or not (
+        "abs_delta" in cfg.scores and "scale" in cfg.interventions and "both" in cfg.signs
+    ):
         return
-    if "abs_delta" in cfg.scores and "scale" in cfg.interventions and "both" in cfg.signs:
-        study.enqueue_trial(
-            {
-                "fraction": 0.001,
-                "score": "abs_delta",
-                "intervention": "scale",
-                "sign": "both",
-                "multiplier": max(cfg.multipliers[0], 0.0),
-                "negative_multiplier": max(cfg.negative_multipliers[0], 0.0),
-                "first_layer": first,
-            }
-        )
+    for fraction in (0.001, PAPER_TOP_K / n_total):
+        if cfg.fractions[0] <= fraction <= cfg.fractions[1]:
+            study.enqueue_trial(
+                {
+                    "fraction": fraction,
+                    "score": "abs_delta",
+                    "intervention": "scale",
+                    "sign": "both",
+                    "multiplier": max(cfg.multipliers[0], 0.0),
+                    "negative_multiplier": max(cfg.negative_multipliers[0], 0.0),
+                    "first_layer": first,
+                }
+            )
 
 
 def _search(
