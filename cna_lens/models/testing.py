@@ -86,57 +86,16 @@ def make_tokenizer(vocab_size: int = 512, chat_template: str | None = CHAT_TEMPL
     return fast
 
 
-def make_random_model_dir(
-    path: str | os.PathLike[str],
-    *,
-    arch: str = "llama",
-    n_layers: int = 3,
-    d_model: int = 64,
-    d_mlp: int = 128,
-    n_heads: int = 4,
-    n_ctx: int = 256,
-    seed: int = 0,
-    chat_template: str | None = CHAT_TEMPLATE,
-    dtype: str = "float32",
-) -> Path:
-    """Save a randomly initialised model of ``arch`` with a tokenizer to ``path``.
-
-    Args:
-        path: Directory to write (created).
-        arch: One of :data:`ARCHITECTURES` (gated MLPs, and ungated GPT-2).
-        n_layers, d_model, d_mlp, n_heads, n_ctx: Model shape.
-        seed: Initialisation seed.
-        chat_template: Jinja chat template for the tokenizer (None: a base model).
-        dtype: Weight dtype on disk.
-
-    Raises:
-        CNAError: unknown ``arch``.
-    """
-    import torch
+def _builders(
+    common: dict[str, Any], head_dim: int, ids: dict[str, Any]
+) -> dict[str, tuple[Any, Any, dict[str, Any]]]:
+    """arch -> (config class, model class, config kwargs) for a random test model."""
     import transformers as tf
 
-    if arch not in ARCHITECTURES:
-        raise CNAError(f"unknown arch {arch!r}; valid: {list(ARCHITECTURES)}")
-    tok = make_tokenizer(chat_template=chat_template)
-    ids = dict(
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        vocab_size=len(tok),
-    )
-    kv = max(1, n_heads // 2)
-    common = dict(
-        hidden_size=d_model,
-        intermediate_size=d_mlp,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=kv,
-        max_position_embeddings=n_ctx,
-        tie_word_embeddings=False,
-        **ids,
-    )
-    head_dim = d_model // n_heads
-    builders: dict[str, tuple[Any, Any, dict[str, Any]]] = {
+    d_model, d_mlp = common["hidden_size"], common["intermediate_size"]
+    n_layers, n_heads = common["num_hidden_layers"], common["num_attention_heads"]
+    n_ctx = common["max_position_embeddings"]
+    return {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, common),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, common),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {**common, "head_dim": head_dim}),
@@ -169,7 +128,57 @@ def make_random_model_dir(
             ),
         ),
     }
-    config_cls, model_cls, kwargs = builders[arch]
+
+
+def make_random_model_dir(
+    path: str | os.PathLike[str],
+    *,
+    arch: str = "llama",
+    n_layers: int = 3,
+    d_model: int = 64,
+    d_mlp: int = 128,
+    n_heads: int = 4,
+    n_ctx: int = 256,
+    seed: int = 0,
+    chat_template: str | None = CHAT_TEMPLATE,
+    dtype: str = "float32",
+) -> Path:
+    """Save a randomly initialised model of ``arch`` with a tokenizer to ``path``.
+
+    Args:
+        path: Directory to write (created).
+        arch: One of :data:`ARCHITECTURES` (gated MLPs, and ungated GPT-2).
+        n_layers, d_model, d_mlp, n_heads, n_ctx: Model shape.
+        seed: Initialisation seed.
+        chat_template: Jinja chat template for the tokenizer (None: a base model).
+        dtype: Weight dtype on disk.
+
+    Raises:
+        CNAError: unknown ``arch``.
+    """
+    import torch
+
+    if arch not in ARCHITECTURES:
+        raise CNAError(f"unknown arch {arch!r}; valid: {list(ARCHITECTURES)}")
+    tok = make_tokenizer(chat_template=chat_template)
+    ids = dict(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+    )
+    kv = max(1, n_heads // 2)
+    common = dict(
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=n_ctx,
+        tie_word_embeddings=False,
+        **ids,
+    )
+    config_cls, model_cls, kwargs = _builders(common, d_model // n_heads, ids)[arch]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).to(getattr(torch, dtype)).eval()
     out = Path(path)
