@@ -127,15 +127,20 @@ def _choose(options: list[tuple[str, str]]) -> tuple[str, int, int, float]:
     return min(trials, key=lambda t: (t[2], t[3]))
 
 
-def _answer(options: list[tuple[str, str]], saved: bool, chosen: list[Any], resume: bool) -> str:
+def _answer(
+    options: list[tuple[str, str]], saved: bool, chosen: list[Any], resume: bool, extra: list[int]
+) -> str:
     titles = [t for _, t in options]
     if any(t.startswith("Ignore the previous run") for t in titles):
-        if resume and any(t.startswith("Continue the previous run") for t in titles):
-            return _pick(options, "Continue the previous run")
+        for keep in ("Continue the previous run", "Show the results from the previous run"):
+            if resume and any(t.startswith(keep) for t in titles):
+                return _pick(options, keep)
         return _pick(options, "Ignore the previous run")
     if any(t.startswith("Run additional trials") for t in titles):
         if saved:
             return _pick(options, "Exit program")
+        if extra[0] > 0:  # a finished study short of complete trials: top it up first
+            return _pick(options, "Run additional trials")
         chosen[:] = list(_choose(options))
         return str(chosen[0])
     if any(t.startswith("Save the model to a local folder") for t in titles):
@@ -146,11 +151,18 @@ def _answer(options: list[tuple[str, str]], saved: bool, chosen: list[Any], resu
 
 
 def run(
-    exe: Path, workdir: Path, save: Path, *, timeout: float, resume: bool = False
+    exe: Path,
+    workdir: Path,
+    save: Path,
+    *,
+    timeout: float,
+    resume: bool = False,
+    extra_trials: int = 0,
 ) -> dict[str, Any]:
     """Run heretic in ``workdir`` (its ``config.toml``), answer its menus, save the chosen
     trial's merged model to ``save``; return the chosen trial and the wall time. ``resume``
-    continues an interrupted study found in ``workdir/checkpoints`` (heretic's own menu)."""
+    continues an interrupted study found in ``workdir/checkpoints`` (heretic's own menu);
+    ``extra_trials`` runs that many more trials of a finished study first."""
     env = dict(
         os.environ,
         KAGGLE_KERNEL_RUN_TYPE="Batch",
@@ -176,6 +188,7 @@ def run(
     options: list[tuple[str, str]] = []
     chosen: list[Any] = []
     pending, saved, t0 = "", False, time.time()
+    extra = [extra_trials]
     try:
         while True:
             if time.time() - t0 > timeout:
@@ -200,7 +213,9 @@ def run(
                 saved = saved or line.startswith("Model saved to")
             answer = None
             if pending.endswith("Enter number: "):
-                answer, options = _answer(options, saved, chosen, resume), []
+                answer, options = _answer(options, saved, chosen, resume, extra), []
+            elif pending.endswith("How many additional trials do you want to run?: "):
+                answer, extra[0] = str(extra[0]), 0
             elif pending.endswith("Path to the folder:: "):
                 answer = str(save.resolve())
             elif pending.endswith(("? (y/N) ", "[y/N]: ")):
@@ -301,9 +316,11 @@ def heretic_stage(
         system_prompt=system_prompt,
     )
     record_path = run_dir / "record.json"
+    extra = 0
     if record_path.is_file() and (run_dir / "config.toml").read_text() == text:
         record = json.loads(record_path.read_text())
-        if Path(record["model"]).is_dir():
+        extra = trials_n - len(trials(run_dir))  # a trial lost to an interruption
+        if Path(record["model"]).is_dir() and extra <= 0:
             return record  # a finished run of the same config: reused
     lock = run_dir / "running.pid"
     if lock.is_file() and _alive(int(lock.read_text().strip() or 0)):
@@ -321,7 +338,7 @@ def heretic_stage(
     save = run_dir / "model"
     lock.write_text(str(os.getpid()))
     try:
-        result = run(exe, run_dir, save, timeout=timeout, resume=resume)
+        result = run(exe, run_dir, save, timeout=timeout, resume=resume, extra_trials=extra)
     finally:
         lock.unlink(missing_ok=True)
     record = {

@@ -79,7 +79,12 @@ def _choose(rows: list[dict[str, Any]], kl_limit: float) -> dict[str, Any]:
 
 
 def baseline_search(
-    model: Any, prompts: Any, kl_limit: float | None, out: Path, reference: Any
+    model: Any,
+    prompts: Any,
+    kl_limit: float | None,
+    out: Path,
+    reference: Any,
+    layers: list[int] | None = None,
 ) -> dict[str, Any]:
     """CAA strengths and ablation layers scored on the search prompts; the chosen ones.
     ``kl_limit`` None (no tune run): the search KL of ``reference`` (CNA top_k=1600)."""
@@ -108,7 +113,7 @@ def baseline_search(
         ]
         candidates += [
             ("ablation", cl.DirectionalAblation(vectors, layer), {"layer": layer})
-            for layer in range(int(model.cfg.n_layers))
+            for layer in (layers if layers is not None else range(int(model.cfg.n_layers)))
         ]
         for kind, condition, params in candidates:
             t = time.perf_counter()
@@ -264,6 +269,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--heretic-minutes", type=float, default=130.0, help="heretic's time limit")
     ap.add_argument("--no-heretic", action="store_true")
     ap.add_argument(
+        "--ablation-layers",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=None,
+        help="layers whose direction the ablation search tries, e.g. 8,10,12 (default all)",
+    )
+    ap.add_argument(
         "--no-tune",
         action="store_true",
         help="skip cna-lens tune (no tuned row; the baselines' KL limit is then the search "
@@ -294,7 +305,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         front = {t["number"]: t for t in tuned["front"]}
         kl_limit = front[rec["trial"]]["kl"] if rec else min(t["kl"] for t in tuned["front"])
     base = baseline_search(
-        model, prompts, kl_limit, out, cl.Steering(circuit=top1600, multiplier=0.0)
+        model,
+        prompts,
+        kl_limit,
+        out,
+        cl.Steering(circuit=top1600, multiplier=0.0),
+        args.ablation_layers,
     )
     kl_limit = base["kl_limit"]
     heretic = heretic_stage(model, model_dir, prompts, args)
