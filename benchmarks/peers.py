@@ -85,6 +85,7 @@ def baseline_search(
     out: Path,
     reference: Any,
     layers: list[int] | None = None,
+    alphas: tuple[float, ...] = CAA_ALPHAS,
 ) -> dict[str, Any]:
     """CAA strengths and ablation layers scored on the search prompts; the chosen ones.
     ``kl_limit`` None (no tune run): the search KL of ``reference`` (CNA top_k=1600)."""
@@ -109,7 +110,7 @@ def baseline_search(
         if kl_limit is None:
             kl_limit = kl.measure(reference).mean
         candidates: list[tuple[str, Any, dict[str, Any]]] = [
-            ("caa", cl.CAA(vectors, a), {"alpha": a}) for a in CAA_ALPHAS
+            ("caa", cl.CAA(vectors, a), {"alpha": a}) for a in alphas
         ]
         candidates += [
             ("ablation", cl.DirectionalAblation(vectors, layer), {"layer": layer})
@@ -121,12 +122,13 @@ def baseline_search(
             rows[kind].append({**params, "proxy": proxy.score(condition), "kl": measured.mean})
             seconds[kind] += time.perf_counter() - t
             print(f"  search {kind} {params}: {rows[kind][-1]}", flush=True)
+        proxy_baseline = proxy.score(None)
     record = {
         "kl_limit": kl_limit,
         "rows": rows,
         "chosen": {k: _choose(v, kl_limit) for k, v in rows.items()},
         "seconds": {k: v + shared for k, v in seconds.items()},
-        "proxy_baseline": proxy.score(None),
+        "proxy_baseline": proxy_baseline,
     }
     _json(path, record)
     return record
@@ -269,6 +271,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--heretic-minutes", type=float, default=130.0, help="heretic's time limit")
     ap.add_argument("--no-heretic", action="store_true")
     ap.add_argument(
+        "--caa-alphas",
+        type=lambda text: tuple(float(x) for x in text.split(",")),
+        default=CAA_ALPHAS,
+        help="CAA strengths the search tries (default " + ",".join(map(str, CAA_ALPHAS)) + ")",
+    )
+    ap.add_argument(
         "--ablation-layers",
         type=lambda text: [int(x) for x in text.split(",")],
         default=None,
@@ -311,6 +319,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         out,
         cl.Steering(circuit=top1600, multiplier=0.0),
         args.ablation_layers,
+        args.caa_alphas,
     )
     kl_limit = base["kl_limit"]
     heretic = heretic_stage(model, model_dir, prompts, args)

@@ -25,6 +25,9 @@ them; CUDA runs use wall time). What is measured (targets from issue 5):
   thread samples the RSS every 1 ms). Target <= 1.1. The growth above the warmed-up
   baseline is reported in MB alongside, since the whole-process peak includes torch and
   the model; ``--quick`` measures on a smaller model (4 x 128 x 512).
+* ``aa_unsteered_vs_unsteered`` — the A/A pair: unsteered generation timed twice as if it
+  were two things. It must read 1.00 +- 0.03, or the steered and baked ratios are not
+  reported (the machine was too noisy). Every ratio's min-max over rounds is in the JSON.
 * ``steered_vs_unsteered_tokens`` — tokens/s of ``generate_token_ids`` with a circuit of
   0.5% of the neurons ablated by hooks / without a circuit; batch 16, 64 new tokens,
   greedy, KV cache. Target >= 0.95.
@@ -74,9 +77,11 @@ import torch  # noqa: E402
 
 MODEL_SHAPE = dict(n_layers=8, d_model=256, d_mlp=1024, n_heads=8, n_ctx=512)
 SMALL_SHAPE = dict(n_layers=4, d_model=128, d_mlp=512, n_heads=4, n_ctx=512)
+AA_TOLERANCE = 0.03  # an A/A ratio further from 1 means the machine was too noisy to report
 TARGETS = {
     "discovery_vs_forward": ("<=", 1.10),
     "memory_1024_vs_64": ("<=", 1.10),
+    "aa_unsteered_vs_unsteered": ("~", 1.0),
     "steered_vs_unsteered_tokens": (">=", 0.95),
     "baked_vs_unsteered_tokens": (">=", 0.98),
 }
@@ -361,6 +366,9 @@ def bench_steering(
     def unsteered():
         out["unsteered"] = cl.generate_token_ids(model, prompts, **kw)
 
+    def unsteered_again():  # the A/A pair: the same computation timed as if it were another
+        out["unsteered_again"] = cl.generate_token_ids(model, prompts, **kw)
+
     def steered():
         out["steered"] = cl.generate_token_ids(
             model, prompts, circuit=circuit, multiplier=0.0, **kw
@@ -370,12 +378,22 @@ def bench_steering(
         with bake(model, circuit, 0.0):
             out["baked"] = cl.generate_token_ids(model, prompts, **kw)
 
-    times = interleaved({"unsteered": unsteered, "steered": steered, "baked": baked}, rounds)
+    fns = {"unsteered": unsteered, "unsteered_again": unsteered_again}
+    times = interleaved({**fns, "steered": steered, "baked": baked}, rounds)
     steps = {k: max(len(t) for t in v) for k, v in out.items()}
     # Same number of decode steps on each side, or tokens/s would not compare like with like.
     work = {k: len(prompts) * s for k, s in steps.items()}
     rate = {k: [work[k] / t for t in times[k]] for k in times}
+
+    def spread(num: str) -> dict[str, Any]:
+        per = [a / b for a, b in zip(rate[num], rate["unsteered"], strict=True)]
+        return {"median": statistics.median(per), "min": min(per), "max": max(per)}
+
+    aa = spread("unsteered_again")
     return {
+        "aa_unsteered_vs_unsteered": aa["median"],
+        "aa_ok": abs(aa["median"] - 1.0) <= AA_TOLERANCE,
+        "spread": {k: spread(k) for k in ("unsteered_again", "steered", "baked")},
         "steered_vs_unsteered_tokens": statistics.median(
             s / u for s, u in zip(rate["steered"], rate["unsteered"], strict=True)
         ),
@@ -781,8 +799,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     details["steering"] = bench_steering(
         model, gen_prompts, sizes["gen_tokens"], sizes["gen_rounds"]
     )
-    for key in ("steered_vs_unsteered_tokens", "baked_vs_unsteered_tokens"):
-        results[key] = details["steering"][key]
+    results["aa_unsteered_vs_unsteered"] = details["steering"]["aa_unsteered_vs_unsteered"]
+    if details["steering"]["aa_ok"]:
+        for key in ("steered_vs_unsteered_tokens", "baked_vs_unsteered_tokens"):
+            results[key] = details["steering"][key]
+    else:
+        print(
+            "A/A unsteered/unsteered generation outside 1.00 +- 0.03: the machine is too noisy; "
+            "steered and baked ratios not reported (see details)"
+        )
     details["eval"] = bench_eval(
         model, make_prompts(sizes["eval_prompts"], seed=4), sizes["eval_tokens"]
     )
@@ -852,7 +877,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         met = (
             ""
             if op is None
-            else ("yes" if (value <= target if op == "<=" else value >= target) else "NO")
+            else (
+                "yes"
+                if (
+                    abs(value - target) <= AA_TOLERANCE
+                    if op == "~"
+                    else (value <= target if op == "<=" else value >= target)
+                )
+                else "NO"
+            )
         )
         print(f"{key:34s} {value:8.3f}  {'' if op is None else f'{op} {target}':>8s}  {met}")
     st = details["steering"]
@@ -862,6 +895,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{details['naive']['top_k_overlap']:.2f})"
     )
     print(f"  tokens/s: {st['tokens_per_s']}; baked == steered: {st['baked_equals_steered']}")
+    print(
+        "  generation ratio spreads (min-max over rounds): "
+        + ", ".join(f"{k} {v['min']:.3f}-{v['max']:.3f}" for k, v in st["spread"].items())
+    )
     print(
         f"  memory peak MB: {details['memory']['peak_mb']}, growth MB: "
         f"{details['memory']['memory_growth_mb']}"
