@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "CNA tuned": tuned.get("seconds"),
         "CAA": base["seconds"]["caa"],
         "directional ablation": base["seconds"]["ablation"],
-        "heretic": heretic.get("wall_seconds"),
+        "heretic": heretic.get("trial_seconds", heretic.get("wall_seconds")),
     }
     for row in rows:
         row["touches"] = touched.get(row["row"], "")

@@ -449,7 +449,7 @@ def pareto_figure(
             colorscale="Viridis",
             showscale=True,
             size=8,
-            colorbar=dict(title="k", x=0.45 if confirmed is not None else 1.0),
+            colorbar=dict(title="k", x=1.02),
         ),
         text=[f"trial {n}, k={k}" for n, k in zip(ok["number"], ok["k"], strict=True)],
         row=1,
@@ -490,7 +490,11 @@ def pareto_figure(
         fig.update_xaxes(title_text="KL (mean over the first N answer tokens)", row=1, col=2)
     fig.update_xaxes(title_text="KL (mean over the first N answer tokens)", row=1, col=1)
     fig.update_yaxes(title_text="refusal (proxy / generated)", range=[-0.03, 1.03])
-    fig.update_layout(title=title, template="plotly_white")
+    fig.update_layout(
+        title=title,
+        template="plotly_white",
+        legend=dict(orientation="h", yanchor="top", y=-0.18, x=0),
+    )
     return fig
 
 
