@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -250,22 +251,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _journal(workdir: Path) -> Iterator[dict[str, Any]]:
+    """The operations of heretic's Optuna journal (JSON lines), in order."""
+    for journal in sorted((workdir / "checkpoints").glob("*.jsonl")):
+        for line in journal.read_text().splitlines():
+            yield json.loads(line)
+
+
 def trials(workdir: Path) -> list[dict[str, Any]]:
     """Per-trial refusals and KL from heretic's Optuna journal (a JSON-lines file)."""
     out: dict[int, dict[str, Any]] = {}
     next_id = 0
-    for journal in sorted((workdir / "checkpoints").glob("*.jsonl")):
-        for line in journal.read_text().splitlines():
-            op = json.loads(line)
-            if op["op_code"] == 4:  # create a trial
-                out[next_id] = {"params": {}}
-                next_id += 1
-            elif op["op_code"] == 5:
-                out[op["trial_id"]]["params"][op["param_name"]] = op["param_value_internal"]
-            elif op["op_code"] == 6:
-                out[op["trial_id"]].update(state=op["state"], values=op.get("values"))
-            elif op["op_code"] == 8:
-                out[op["trial_id"]].update(op["user_attr"])
+    for op in _journal(workdir):
+        if op["op_code"] == 4:  # create a trial
+            out[next_id] = {"params": {}}
+            next_id += 1
+        elif op["op_code"] == 5:
+            out[op["trial_id"]]["params"][op["param_name"]] = op["param_value_internal"]
+        elif op["op_code"] == 6:
+            out[op["trial_id"]].update(state=op["state"], values=op.get("values"))
+        elif op["op_code"] == 8:
+            out[op["trial_id"]].update(op["user_attr"])
     return [t for t in out.values() if t.get("state") == 1]  # complete trials
 
 
@@ -274,15 +280,13 @@ def trial_seconds(workdir: Path) -> float:
     search's cost even when an interrupted study was continued in a later process."""
     starts: dict[int, datetime] = {}
     total, next_id = 0.0, 0
-    for journal in sorted((workdir / "checkpoints").glob("*.jsonl")):
-        for line in journal.read_text().splitlines():
-            op = json.loads(line)
-            if op["op_code"] == 4:
-                starts[next_id] = datetime.fromisoformat(op["datetime_start"])
-                next_id += 1
-            elif op["op_code"] == 6 and op.get("datetime_complete") and op["trial_id"] in starts:
-                done = datetime.fromisoformat(op["datetime_complete"])
-                total += (done - starts[op["trial_id"]]).total_seconds()
+    for op in _journal(workdir):
+        if op["op_code"] == 4:
+            starts[next_id] = datetime.fromisoformat(op["datetime_start"])
+            next_id += 1
+        elif op["op_code"] == 6 and op.get("datetime_complete") and op["trial_id"] in starts:
+            done = datetime.fromisoformat(op["datetime_complete"])
+            total += (done - starts[op["trial_id"]]).total_seconds()
     return round(total, 1)
 
 

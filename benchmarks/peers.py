@@ -81,14 +81,17 @@ def _choose(rows: list[dict[str, Any]], kl_limit: float) -> dict[str, Any]:
 def baseline_search(
     model: Any,
     prompts: Any,
+    vectors: Any,
     kl_limit: float | None,
     out: Path,
     reference: Any,
     layers: list[int] | None = None,
     alphas: tuple[float, ...] = CAA_ALPHAS,
+    vectors_seconds: float = 0.0,
 ) -> dict[str, Any]:
-    """CAA strengths and ablation layers scored on the search prompts; the chosen ones.
-    ``kl_limit`` None (no tune run): the search KL of ``reference`` (CNA top_k=1600)."""
+    """CAA strengths and ablation layers (``vectors``: :func:`cna_lens.compute_caa` of the
+    discovery sets) scored on the search prompts; the chosen ones. ``kl_limit`` None (no
+    tune run): the search KL of ``reference`` (CNA top_k=1600)."""
     import cna_lens as cl
     from cna_lens.evaluation.kl import KLReference
     from cna_lens.evaluation.proxy import RefusalProxy
@@ -97,11 +100,8 @@ def baseline_search(
     path = out / "baselines.json"
     if path.is_file():
         return json.loads(path.read_text())
-    began = time.perf_counter()
-    vectors = cl.compute_caa(model, prompts.discovery_harmful, prompts.discovery_benign)
-    caa_seconds = time.perf_counter() - began
     rows: dict[str, list[dict[str, Any]]] = {"caa": [], "ablation": []}
-    seconds = {"caa": caa_seconds, "ablation": caa_seconds}
+    seconds = {"caa": vectors_seconds, "ablation": vectors_seconds}
     with FastBackend(model) as backend:
         began = time.perf_counter()
         proxy = RefusalProxy(backend, prompts.search_harmful, prompts.search_harmless)
@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     import cna_lens as cl
     from cna_lens.core.discovery import circuit_from_attribution
+    from cna_lens.models.loading import portable_model_id
     from cna_lens.models.names import resolve_model
     from cna_lens.pipelines.tune import TuneConfig
     from cna_lens.pipelines.tune.config import load_tune_prompts
@@ -312,18 +313,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if tuned:
         front = {t["number"]: t for t in tuned["front"]}
         kl_limit = front[rec["trial"]]["kl"] if rec else min(t["kl"] for t in tuned["front"])
+    began = time.perf_counter()
+    vectors = cl.compute_caa(model, prompts.discovery_harmful, prompts.discovery_benign)
+    vectors_seconds = time.perf_counter() - began
     base = baseline_search(
         model,
         prompts,
+        vectors,
         kl_limit,
         out,
         cl.Steering(circuit=top1600, multiplier=0.0),
         args.ablation_layers,
         args.caa_alphas,
+        vectors_seconds,
     )
     kl_limit = base["kl_limit"]
     heretic = heretic_stage(model, model_dir, prompts, args)
-    vectors = cl.compute_caa(model, prompts.discovery_harmful, prompts.discovery_benign)
     arms = [
         cl.evaluation.Arm(None, {"row": "unsteered"}),
         cl.evaluation.Arm(cl.Steering(circuit=found.circuit, multiplier=0.0), {"row": "CNA 0.1%"}),
@@ -372,11 +377,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 row["heretic_trials"] = len(heretic.get("trials", []))
                 row["heretic_chosen_trial"] = heretic.get("chosen_trial")
     record = {
-        "model": args.model,
+        "model": portable_model_id(args.model),
         "rows": rows,
         "kl_limit": kl_limit,
         "baselines": base,
-        "heretic": {k: v for k, v in heretic.items() if k != "trials"},
+        # portable ids only: no path of the machine that ran the benchmark
+        "heretic": {
+            k: portable_model_id(v) if k == "model" else v
+            for k, v in heretic.items()
+            if k != "trials"
+        },
         "heretic_trials": heretic.get("trials", []),
         "tune_recommended": rec,
         "prompts": {

@@ -356,6 +356,8 @@ def _circuit(model: Any, fraction: float, seed: int = 0):
 def bench_steering(
     model: Any, prompts: list[str], new_tokens: int, rounds: int, fraction: float = 0.005
 ) -> dict[str, Any]:
+    import unique_tokens
+
     import cna_lens as cl
     from cna_lens.steering.bake import bake
 
@@ -386,8 +388,7 @@ def bench_steering(
     rate = {k: [work[k] / t for t in times[k]] for k in times}
 
     def spread(num: str) -> dict[str, Any]:
-        per = [a / b for a, b in zip(rate[num], rate["unsteered"], strict=True)]
-        return {"median": statistics.median(per), "min": min(per), "max": max(per)}
+        return unique_tokens.ratio(rate, num, "unsteered")  # median, min, max per round
 
     aa = spread("unsteered_again")
     return {
