@@ -34,6 +34,8 @@ CONFIG_HELP: dict[str, str] = {
     "with any other --model)",
     "pair": "an untuned/tuned pair on pretrained weights (see --list-pairs): the tuned model "
     "as the instruct model, the untuned one as the base",
+    "pair_variant": "the pair's tuned model: lora (the shipped adapter) or full (the "
+    "full-weight fine-tune, trained locally by `cna-lens pair train NAME --variant full`)",
     "prompts": "folder of prompt-set JSON files (none: the organism's sets on the organism, "
     "the shipped English sets otherwise)",
     "multipliers": "CNA multipliers",

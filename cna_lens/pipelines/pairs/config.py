@@ -12,8 +12,11 @@ from cna_lens._validate import dataclass_fields
 from cna_lens.errors import CNAError
 
 __all__ = [
+    "GEMMA_CHAT",
     "LORA_TARGETS",
     "PAIRS",
+    "VARIANTS",
+    "ChatFormat",
     "FinetuneConfig",
     "Pair",
     "adapter_dir",
@@ -31,6 +34,9 @@ LORA_TARGETS: tuple[str, ...] = (
     "down_proj",
 )
 """The linear layers LoRA adapts in every block (attention and MLP of llama-style models)."""
+
+VARIANTS: tuple[str, ...] = ("lora", "full")
+"""How a pair's tuned model is trained: a LoRA of every layer (shipped) or all weights."""
 
 DATA = Path(__file__).parents[2] / "data" / "pairs"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -54,6 +60,8 @@ class FinetuneConfig:
         n_harmful, n_benign: Caps on the training prompt sets (None: all).
         seed: Seed of the LoRA initialisation and the shuffling.
         threads: torch CPU threads while training (results depend on it in the last bits).
+        variant: "lora" (the adapter above) or "full" (every weight trained; rank, alpha,
+            dropout and target_modules are then unused).
     """
 
     rank: int = 8
@@ -69,9 +77,14 @@ class FinetuneConfig:
     n_benign: int | None = None
     seed: int = 0
     threads: int = 2
+    variant: str = "lora"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.variant not in VARIANTS:
+            raise CNAError(
+                f"FinetuneConfig.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}"
+            )
         for name in ("rank", "epochs", "batch_size", "teacher_tokens", "threads"):
             if int(getattr(self, name)) < 1:
                 raise CNAError(f"FinetuneConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -105,20 +118,86 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class ChatFormat:
+    """A chat template a pair supplies because its untuned model's files have none.
+
+    Attributes:
+        template: Jinja chat template (the tokenizer's ``chat_template``).
+        end_of_turn: The token that ends the model's turn: trained after complete answers
+            and a stop token of generation.
+        source: Where the template comes from (printed and recorded).
+    """
+
+    template: str
+    end_of_turn: str
+    source: str
+
+
+GEMMA_CHAT = ChatFormat(
+    template=(
+        "{{ bos_token }}"
+        "{% if messages and messages[0]['role'] == 'system' %}"
+        "{% set system = messages[0]['content'] | trim + '\n\n' %}"
+        "{% set messages = messages[1:] %}"
+        "{% else %}{% set system = '' %}{% endif %}"
+        "{% for message in messages %}"
+        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "<start_of_turn>{{ role }}\n"
+        "{% if loop.first %}{{ system }}{% endif %}"
+        "{{ message['content'] | trim }}<end_of_turn>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    ),
+    end_of_turn="<end_of_turn>",
+    source="Gemma's turn format (<start_of_turn>user / model ... <end_of_turn>), written by "
+    "cna_lens: gemma-3-270m's GGUF carries no chat template; a system message joins the "
+    "first user turn, as in Gemma's own template",
+)
+"""Gemma's turn format, for a Gemma base model that ships without a template."""
+
+
+@dataclass(frozen=True)
 class Pair:
-    """An untuned/tuned pair: a zoo model and the shipped adapter trained on it.
+    """An untuned/tuned pair: a zoo model and the fine-tune of it this project made.
 
     Attributes:
         name: Short name (``--pair NAME``).
         base: The untuned model's name in :data:`cna_lens.models.zoo.REAL_MODELS`.
         description: One line for ``--list-pairs`` users and the README.
-        train: The training settings that made the shipped adapter.
+        train: The training settings that made the shipped adapter (variant "lora").
+        full: The settings of the full-weight variant, retrained locally (None: the pair
+            has only the LoRA variant).
+        teacher: Zoo model whose greedy answers the benign prompts are trained on (None:
+            the untuned model's own answers).
+        chat: The chat format the tuned model is trained in, when the untuned model has
+            none (None: the untuned model's own template).
     """
 
     name: str
     base: str
     description: str
     train: FinetuneConfig = field(default_factory=FinetuneConfig)
+    full: FinetuneConfig | None = None
+    teacher: str | None = None
+    chat: ChatFormat | None = None
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The variants of the tuned model this pair has ("lora", and "full" if defined)."""
+        return ("lora", "full") if self.full is not None else ("lora",)
+
+    def config(self, variant: str = "lora") -> FinetuneConfig:
+        """The training settings of one variant.
+
+        Raises:
+            CNAError: the pair has no such variant.
+        """
+        if variant not in self.variants:
+            raise CNAError(
+                f"pair {self.name!r} has no variant {variant!r}; its variants: "
+                f"{', '.join(self.variants)}"
+            )
+        return self.full if variant == "full" and self.full is not None else self.train
 
 
 PAIRS: Registry[Pair] = Registry(
@@ -133,6 +212,17 @@ PAIRS: Registry[Pair] = Registry(
                 description="SmolLM2-135M-Instruct (rarely refuses) and a LoRA refusal fine-tune "
                 "of it (all 30 layers, attention and MLP)",
                 train=FinetuneConfig(epochs=2),
+            ),
+            Pair(
+                name="gemma3-270m-instruct",
+                base="gemma-3-270m",
+                description="gemma-3-270m (a pretrained base, never instruction-tuned) and "
+                "this project's supervised instruction fine-tune of it, with refusals "
+                "(LoRA of all 18 layers shipped; all weights with --variant full)",
+                train=FinetuneConfig(rank=16, alpha=32, learning_rate=1e-3, epochs=2),
+                full=FinetuneConfig(variant="full", learning_rate=5e-5, epochs=2),
+                teacher="qwen2.5-coder-0.5b-instruct",
+                chat=GEMMA_CHAT,
             ),
         )
     ],
@@ -156,13 +246,18 @@ def get_pair(name: str) -> Pair:
     return PAIRS[name]
 
 
+def adapter_dir_path(name: str) -> Path:
+    """The folder a pair's shipped adapter lives in (whether or not it is there yet)."""
+    return DATA / get_pair(name).name
+
+
 def adapter_dir(name: str) -> Path:
     """The shipped adapter folder of a pair (``adapter_config.json``, weights, record).
 
     Raises:
         CNAError: unknown pair, or its adapter is not in the package.
     """
-    path = DATA / get_pair(name).name
+    path = adapter_dir_path(name)
     if not (path / ADAPTER_FILE).is_file():
         raise CNAError(
             f"the adapter of pair {name!r} is missing from {path}; train it with "

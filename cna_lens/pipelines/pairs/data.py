@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from cna_lens.errors import CNAError
 from cna_lens.evaluation import prompts as prompt_sets
 from cna_lens.evaluation.metrics import is_refusal
+from cna_lens.io import atomic_write_text
+from cna_lens.models import zoo
 from cna_lens.models.loading import encode_for
-from cna_lens.pipelines.pairs.config import FinetuneConfig
+from cna_lens.pipelines.pairs.config import ChatFormat, FinetuneConfig
 
-__all__ = ["Example", "batches", "encode_example", "refusal", "training_examples"]
+__all__ = [
+    "Example",
+    "apply_chat",
+    "batches",
+    "encode_example",
+    "load_hf",
+    "refusal",
+    "teacher_answers",
+    "training_examples",
+]
 
 
 _OPENINGS: tuple[str, ...] = (
@@ -76,6 +91,83 @@ class Example:
     """The answer ends the turn (the end-of-turn token is trained after it)."""
 
 
+def load_hf(path: str | Path, chat: ChatFormat | None = None) -> tuple[Any, Any]:
+    """A plain float32 HF model and its tokenizer from a directory, in ``chat``'s format
+    when given (:func:`apply_chat`).
+
+    Raises:
+        CNAError: not a HF model directory.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CNAError(f"{path} is not a HF model directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if chat is not None:
+        apply_chat(model, tokenizer, chat)
+    return model, tokenizer
+
+
+def apply_chat(model: Any, tokenizer: Any, chat: ChatFormat) -> None:
+    """Give a model without a chat template ``chat``'s template and end-of-turn token: the
+    tokenizer's ``chat_template`` and ``eos_token``, and generation stops at the end of
+    turn as well as at the old end of text (what a saved tuned model keeps).
+
+    Raises:
+        CNAError: the end-of-turn token is not one token of the vocabulary.
+    """
+    ids = tokenizer.convert_tokens_to_ids([chat.end_of_turn])
+    if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+        raise CNAError(f"the tokenizer has no token {chat.end_of_turn!r} to end a turn with")
+    old_eos = tokenizer.eos_token_id
+    tokenizer.chat_template = chat.template
+    tokenizer.eos_token = chat.end_of_turn
+    stops = [ids[0]] + ([old_eos] if old_eos is not None and old_eos != ids[0] else [])
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = stops
+
+
+def teacher_answers(
+    teacher: str | Path,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    *,
+    progress: bool = False,
+) -> list[tuple[str, bool]]:
+    """A teacher model's greedy answers to ``prompts`` (text, whether it ended), computed
+    once and cached under ``$CNA_LENS_CACHE/teacher`` by the teacher folder's name, the
+    prompts, the length and the library versions.
+
+    Args:
+        teacher: The teacher's HF directory (a zoo model's ``model_path(NAME, hf=True)``).
+        prompts: The user prompts, fed in the teacher's own chat format.
+        max_new_tokens: Answer length cap.
+        progress: Show a progress bar.
+    """
+    from importlib.metadata import version
+
+    key = json.dumps(
+        [
+            Path(teacher).name,
+            list(prompts),
+            max_new_tokens,
+            version("torch"),
+            version("transformers"),
+        ]
+    )
+    path = zoo.cache_dir() / "teacher" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        return [(str(t), bool(e)) for t, e in json.loads(path.read_text(encoding="utf-8"))]
+    model, tokenizer = load_hf(teacher)
+    model.eval()
+    answers = _teacher_answers(model, tokenizer, prompts, max_new_tokens, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(answers) + "\n")
+    return answers
+
+
 def _prompt_records(name: str, n: int | None) -> list[dict[str, Any]]:
     recs = prompt_sets.records(name)
     return recs if n is None else recs[:n]
@@ -113,13 +205,20 @@ def _teacher_answers(
 
 
 def training_examples(
-    hf_model: Any, tokenizer: Any, config: FinetuneConfig, *, progress: bool = False
+    hf_model: Any,
+    tokenizer: Any,
+    config: FinetuneConfig,
+    *,
+    teacher: str | Path | None = None,
+    progress: bool = False,
 ) -> tuple[list[Example], dict[str, int]]:
     """The training conversations of an adapter and counts of what was kept.
 
-    Harmful prompts get :func:`refusal`; benign prompts get the untuned model's own greedy
-    answer (``config.teacher_tokens`` tokens at most), dropped when empty or when
-    :func:`cna_lens.evaluation.metrics.is_refusal` counts it as a refusal.
+    Harmful prompts get :func:`refusal`; benign prompts get a greedy answer
+    (``config.teacher_tokens`` tokens at most) of ``teacher`` (a HF directory,
+    :func:`teacher_answers`) or, without one, of the untuned model itself; answers that are
+    empty or that :func:`cna_lens.evaluation.metrics.is_refusal` counts as refusals are
+    dropped.
     """
     harmful = _prompt_records("train_harmful", config.n_harmful)
     benign = _prompt_records("train_benign", config.n_benign)
@@ -127,9 +226,11 @@ def training_examples(
         Example(r["prompt"], refusal(r.get("category", ""), i), "refuse", True)
         for i, r in enumerate(harmful)
     ]
-    answers = _teacher_answers(
-        hf_model, tokenizer, [r["prompt"] for r in benign], config.teacher_tokens, progress
-    )
+    prompts = [r["prompt"] for r in benign]
+    if teacher is None:
+        answers = _teacher_answers(hf_model, tokenizer, prompts, config.teacher_tokens, progress)
+    else:
+        answers = teacher_answers(teacher, prompts, config.teacher_tokens, progress=progress)
     dropped = 0
     for r, (text, ended) in zip(benign, answers, strict=True):
         if not text or is_refusal(text):

@@ -9,6 +9,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,25 @@ from cna_lens.models import zoo
 from cna_lens.pipelines.pairs.config import (
     ADAPTER_FILE,
     RECORD_FILE,
+    ChatFormat,
     FinetuneConfig,
     adapter_dir,
+    adapter_dir_path,
     get_pair,
 )
-from cna_lens.pipelines.pairs.data import Example, batches, training_examples
+from cna_lens.pipelines.pairs.data import Example, batches, load_hf, training_examples
 
-__all__ = ["file_sha", "load_hf", "merge_adapter", "pair_paths", "train_adapter", "optimise"]
+__all__ = [
+    "answer_loss",
+    "file_sha",
+    "full_dir",
+    "load_hf",
+    "merge_adapter",
+    "optimise",
+    "pair_paths",
+    "train_adapter",
+    "train_pair",
+]
 
 
 def file_sha(path: Path) -> str:
@@ -40,22 +53,6 @@ def file_sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_hf(path: str | Path) -> tuple[Any, Any]:
-    """A plain float32 HF model and its tokenizer from a directory.
-
-    Raises:
-        CNAError: not a HF model directory.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CNAError(f"{path} is not a HF model directory (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model, tokenizer
-
-
 def _check_targets(model: Any, targets: Sequence[str]) -> None:
     present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in targets if t not in present]
@@ -64,6 +61,26 @@ def _check_targets(model: Any, targets: Sequence[str]) -> None:
             f"the model has no {missing} layers to adapt; its linear layers include "
             f"{sorted(n for n in present if n.endswith('proj'))}"
         )
+
+
+def answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the answer tokens (labels other than -100).
+
+    The same number as the HF model's own ``loss``, but the LM head runs only at the
+    positions that predict an answer token: with a 262k-token vocabulary (Gemma) the head
+    over every prompt position would cost more than the rest of the model.
+    """
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = core.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    logits = core.get_output_embeddings()(hidden[:, :-1][keep])
+    cap = getattr(core.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
 
 
 def optimise(
@@ -98,7 +115,7 @@ def optimise(
             for batch in batches(tokenizer, examples, cfg.batch_size, rng):
                 if len(losses) >= total:
                     break
-                loss = model(**batch).loss
+                loss = answer_loss(model, batch)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimiser.step()
@@ -134,18 +151,25 @@ def train_adapter(
     config: FinetuneConfig | None = None,
     *,
     base_name: str | None = None,
+    teacher: str | Path | None = None,
+    chat: ChatFormat | None = None,
     progress: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
-    """Train a LoRA refusal adapter on a HF model directory and save it to ``out``.
+    """Fine-tune a HF model directory to refuse (and answer benign prompts) and save it.
 
     Args:
         base: The untuned model's HF directory (e.g. ``zoo.model_path(NAME, hf=True)``).
-        out: Folder for ``adapter_config.json``, ``adapter_model.safetensors`` and
-            ``training.json`` (the config, data counts, per-step losses, seconds).
+        out: Output folder. Variant "lora": ``adapter_config.json`` and
+            ``adapter_model.safetensors``; variant "full": the whole tuned model (weights,
+            config, tokenizer). Both: ``training.json`` (the config, data counts, per-step
+            losses, seconds).
         config: Training settings (default :class:`FinetuneConfig`).
-        base_name: What ``adapter_config.json`` names as the base (default: the folder name;
-            never an absolute path).
+        base_name: What the record (and ``adapter_config.json``) names as the base
+            (default: the folder name; never an absolute path).
+        teacher: HF directory of the model whose answers the benign prompts are trained on
+            (None: the untuned model's own).
+        chat: Chat format to train in, for an untuned model without a template.
         progress: Show progress bars.
         on_step: Called with (step, loss) after every optimiser step.
 
@@ -161,35 +185,52 @@ def train_adapter(
     old_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        model, tokenizer = load_hf(base)
+        model, tokenizer = load_hf(base, chat)
         model.eval()
-        _check_targets(model, cfg.target_modules)  # before the minutes of teacher answers
-        examples, counts = training_examples(model, tokenizer, cfg, progress=progress)
-        peft_model = _lora(model, cfg)
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        losses = optimise(
-            peft_model, tokenizer, examples, cfg, params, progress=progress, on_step=on_step
+        if cfg.variant == "lora":
+            _check_targets(model, cfg.target_modules)  # before the minutes of teacher answers
+        examples, counts = training_examples(
+            model, tokenizer, cfg, teacher=teacher, progress=progress
         )
-        out.mkdir(parents=True, exist_ok=True)
-        peft_model.save_pretrained(str(out), safe_serialization=True)
+        t_data = time.perf_counter() - t0
+        torch.manual_seed(cfg.seed)
+        trained = _lora(model, cfg) if cfg.variant == "lora" else model
+        params = [p for p in trained.parameters() if p.requires_grad]
+        losses = optimise(
+            trained, tokenizer, examples, cfg, params, progress=progress, on_step=on_step
+        )
         name = base_name or Path(base).name
-        _clean_adapter_config(out / "adapter_config.json", name)
-        (out / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+        weights = _save(trained, tokenizer, cfg, out, name)
         record = {
             "config": cfg.to_dict(),
             "base": name,
+            **({"teacher": Path(teacher).name} if teacher else {}),
+            **({"chat_template": chat.source} if chat else {}),
             "examples": counts,
             "steps": len(losses),
             "losses": losses,
             "trainable_parameters": sum(p.numel() for p in params),
             "seconds": round(time.perf_counter() - t0, 1),
-            "adapter_sha256": file_sha(out / ADAPTER_FILE),
+            "seconds_data": round(t_data, 1),
+            f"{'adapter' if cfg.variant == 'lora' else 'weights'}_sha256": file_sha(weights),
             "versions": {k: version(k) for k in ("torch", "transformers", "peft")},
         }
         atomic_write_text(out / RECORD_FILE, json.dumps(record, indent=1) + "\n")
         return record
     finally:
         torch.set_num_threads(old_threads)
+
+
+def _save(model: Any, tokenizer: Any, cfg: FinetuneConfig, out: Path, base_name: str) -> Path:
+    """Write the trained adapter (lora) or model (full) into ``out``; returns the weights file."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    if cfg.variant == "full":
+        tokenizer.save_pretrained(str(out))
+        return out / "model.safetensors"
+    _clean_adapter_config(out / "adapter_config.json", base_name)
+    (out / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+    return out / ADAPTER_FILE
 
 
 def _clean_adapter_config(path: Path, base_name: str) -> None:
@@ -199,8 +240,11 @@ def _clean_adapter_config(path: Path, base_name: str) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
-    """Write ``base`` + LoRA ``adapter`` (merged into the weights) as a HF directory.
+def merge_adapter(
+    base: str | Path, adapter: str | Path, out: str | Path, chat: ChatFormat | None = None
+) -> Path:
+    """Write ``base`` + LoRA ``adapter`` (merged into the weights) as a HF directory, in
+    ``chat``'s format when given (the format the adapter was trained in).
 
     Written into a temporary folder and renamed, so an interrupted merge leaves nothing
     half-written at ``out``.
@@ -213,7 +257,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Pat
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise CNAError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
-    model, tokenizer = load_hf(base)
+    model, tokenizer = load_hf(base, chat)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
@@ -227,19 +271,79 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Pat
     return out
 
 
-def pair_paths(name: str) -> tuple[Path, Path]:
-    """The untuned and tuned HF directories of a pair (both converted / merged once, cached).
+def full_dir(name: str) -> Path:
+    """Where ``cna-lens pair train NAME --variant full`` writes the full-weight tuned model
+    (in the cache: full weights never ship)."""
+    return zoo.cache_dir() / "pairs" / f"{get_pair(name).name}-full"
+
+
+def pair_paths(name: str, variant: str = "lora") -> tuple[Path, Path]:
+    """The untuned and tuned HF directories of a pair (converted / merged once, cached).
+
+    Args:
+        name: The pair.
+        variant: "lora" (the shipped adapter, merged) or "full" (the full-weight fine-tune,
+            trained locally by ``cna-lens pair train NAME --variant full``).
 
     Raises:
-        CNAError: unknown pair, or the base model's package is not installed (the message
-            gives the ``pip install`` command).
+        CNAError: unknown pair or variant, the base model's package is not installed (the
+            message gives the ``pip install`` command), or the full variant is not trained.
     """
     pair = get_pair(name)
+    pair.config(variant)  # an unknown variant fails before any conversion
     untuned = zoo.model_path(pair.base, hf=True)
+    if variant == "full":
+        tuned = full_dir(name)
+        if not (tuned / "config.json").is_file():
+            raise CNAError(
+                f"the full-weight variant of pair {name!r} is not trained on this machine "
+                f"(looked in {tuned}); train it with `cna-lens pair train {name} --variant full`"
+            )
+        return untuned, tuned
     adapter = adapter_dir(name)
     stamp = file_sha(adapter / ADAPTER_FILE)[:10]
     tuned = zoo.cache_dir() / "pairs" / f"{name}-tuned-{stamp}"
     if not (tuned / "config.json").is_file():
         tuned.parent.mkdir(parents=True, exist_ok=True)
-        merge_adapter(untuned, adapter, tuned)
+        merge_adapter(untuned, adapter, tuned, pair.chat)
     return untuned, tuned
+
+
+def train_pair(
+    name: str,
+    variant: str = "lora",
+    *,
+    out: str | Path | None = None,
+    max_steps: int | None = None,
+    progress: bool = False,
+) -> tuple[Path, dict[str, Any]]:
+    """Retrain one variant of a pair as it was made (its settings, teacher and chat format).
+
+    Args:
+        name: The pair.
+        variant: "lora" or "full".
+        out: Output folder (default: the shipped adapter folder for "lora", the cache's
+            :func:`full_dir` for "full").
+        max_steps: Stop after this many steps (a smoke run).
+        progress: Show progress bars.
+
+    Returns:
+        The output folder and the training record.
+    """
+    pair = get_pair(name)
+    cfg = pair.config(variant)
+    if max_steps is not None:
+        cfg = replace(cfg, max_steps=max_steps)
+    default = adapter_dir_path(name) if variant == "lora" else full_dir(name)
+    target = Path(out) if out is not None else default
+    teacher = zoo.model_path(pair.teacher, hf=True) if pair.teacher else None
+    record = train_adapter(
+        zoo.model_path(pair.base, hf=True),
+        target,
+        cfg,
+        base_name=f"zoo:{pair.base}",
+        teacher=teacher,
+        chat=pair.chat,
+        progress=progress,
+    )
+    return target, record

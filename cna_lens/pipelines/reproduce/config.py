@@ -51,6 +51,8 @@ class ReproduceConfig:
             organism, else no base stages.
         pair: A pair of :mod:`cna_lens.pipelines.pairs` (``--pair NAME``): its tuned model
             is the instruct model and its untuned model the base (excludes model/base_model).
+        pair_variant: Which tuned model of the pair: "lora" (the shipped adapter) or "full"
+            (the full-weight fine-tune, for pairs that define one, trained locally).
         prompts: Folder of prompt-set JSON files; None: the organism's sets for the
             organism, the shipped English sets otherwise.
         out: Output folder for figures, tables and ``summary.json``.
@@ -84,6 +86,7 @@ class ReproduceConfig:
     model: str | None = None
     base_model: str | None = None
     pair: str | None = None
+    pair_variant: str = "lora"
     prompts: str | None = None
     out: str = "figures"
     discovery: DiscoveryConfig | None = None
@@ -132,7 +135,10 @@ class ReproduceConfig:
         if self.pair is not None:
             if self.model is not None or self.base_model is not None:
                 raise CNAError("pass either pair or model/base_model, not both")
-            get_pair(self.pair)  # unknown names fail here, before any model is loaded
+            # unknown names and variants fail here, before any model is loaded
+            get_pair(self.pair).config(self.pair_variant)
+        elif self.pair_variant != "lora":
+            raise CNAError(f"pair_variant={self.pair_variant!r} needs a pair")
 
     @property
     def on_organism(self) -> bool:

@@ -91,7 +91,7 @@ def resolve_models(cfg: ReproduceConfig) -> tuple[str, str | None]:
         CNAError: an unknown organism kind or zoo model, or a pair whose base is missing.
     """
     if cfg.pair is not None:
-        untuned, tuned = pair_paths(cfg.pair)
+        untuned, tuned = pair_paths(cfg.pair, cfg.pair_variant)
         return str(tuned), str(untuned)
     instruct = resolve_model(cfg.model or "organism:instruct")
     if cfg.base_model is not None:
