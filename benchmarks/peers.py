@@ -58,13 +58,23 @@ def _json(path: Path, data: Any) -> None:
 
 
 def tune_stage(model: str, out: Path, budget: float) -> dict[str, Any]:
-    """The tuner's run (reused when ``out/tune/tune.json`` exists)."""
+    """The tuner's run (reused when ``out/tune/tune.json`` exists); a tuner that fails
+    (e.g. a budget that cannot fit its setup and confirmation) gives ``{"error": why}`` and
+    the other rows still run."""
+    from cna_lens.errors import CNAError
     from cna_lens.pipelines.tune import TuneConfig, tune
 
     summary = out / "tune" / "tune.json"
     if not summary.is_file():
         began = time.perf_counter()
-        tune(TuneConfig(model=model, out=str(out / "tune"), budget_minutes=budget), progress=True)
+        try:
+            tune(
+                TuneConfig(model=model, out=str(out / "tune"), budget_minutes=budget),
+                progress=True,
+            )
+        except CNAError as e:
+            print(f"CNA tuned: no row ({e})")
+            return {"error": f"cna-lens tune failed: {e}"}
         record = json.loads(summary.read_text())
         record["wall_seconds"] = time.perf_counter() - began
         _json(summary, record)
@@ -295,6 +305,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     started = time.perf_counter()
 
     tuned = {} if args.no_tune else tune_stage(args.model, out, args.tune_budget)
+    tune_error = tuned.pop("error", None)
     rec = tuned.get("recommended")
     model_dir = Path(resolve_model(args.model))
     model = cl.load_model(model_dir, device="cpu")
@@ -369,6 +380,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for row in rows:
         row["touches"] = touched.get(row["row"], "")
         row["search_seconds"] = seconds.get(row["row"])
+    if tune_error is not None:
+        rows.insert(3, {"row": "CNA tuned", "error": tune_error})
     if "error" in heretic and not any(r["row"] == "heretic" for r in rows):
         rows.append({"row": "heretic", "error": heretic["error"]})
     else:

@@ -72,7 +72,7 @@ def config_from_namespace(args: argparse.Namespace) -> ReproduceConfig:
     discovery flags go on top of the model's default discovery."""
     if args.obvious:
         args.backend = "bridge"
-    cfg = config_from_args(preset(quick=args.quick, pair=args.pair is not None), args, CONFIG_HELP)
+    cfg = config_from_args(preset(quick=args.quick, pair=args.pair), args, CONFIG_HELP)
     names = ["fraction", "top_k", "universal_prompts", *DISCOVERY_HELP]
     if any(getattr(args, n) is not None for n in names):
         base = default_discovery(cfg)

@@ -171,6 +171,9 @@ class Pair:
             the untuned model's own answers).
         chat: The chat format the tuned model is trained in, when the untuned model has
             none (None: the untuned model's own template).
+        reproduce: :class:`~cna_lens.pipelines.reproduce.ReproduceConfig` fields that size
+            ``cna-lens reproduce --pair NAME`` for this pair's models, over the ``--pair``
+            preset (flags still win).
     """
 
     name: str
@@ -180,6 +183,7 @@ class Pair:
     full: FinetuneConfig | None = None
     teacher: str | None = None
     chat: ChatFormat | None = None
+    reproduce: tuple[tuple[str, Any], ...] = ()
 
     @property
     def variants(self) -> tuple[str, ...]:

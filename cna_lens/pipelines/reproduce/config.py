@@ -206,11 +206,17 @@ PAIR_QUICK = replace(QUICK, multipliers=PAIR.multipliers)
 """``--pair --quick``: the quick run with m = 3 as well."""
 
 
-def preset(*, quick: bool = False, pair: bool = False) -> ReproduceConfig:
+def preset(*, quick: bool = False, pair: str | None = None) -> ReproduceConfig:
     """The config a run starts from before its own settings: the defaults, :data:`QUICK`,
-    :data:`PAIR` or :data:`PAIR_QUICK`."""
-    if pair:
-        return PAIR_QUICK if quick else PAIR
+    :data:`PAIR` (with the pair's own :attr:`~cna_lens.pipelines.pairs.Pair.reproduce`
+    sizing) or :data:`PAIR_QUICK`.
+
+    Raises:
+        CNAError: an unknown pair.
+    """
+    if pair is not None:
+        sizing = get_pair(pair).reproduce
+        return PAIR_QUICK if quick else replace(PAIR, **dict(sizing))
     return QUICK if quick else ReproduceConfig()
 
 
