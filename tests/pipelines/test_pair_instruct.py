@@ -211,3 +211,20 @@ def test_shipped_gemma_adapter_is_small_complete_and_recorded():
     assert record["teacher"].startswith("qwen2.5-coder-0.5b-instruct")
     b_mats = [v for k, v in load_file(weights).items() if "lora_B" in k]
     assert len(b_mats) == 18 * len(pairs.LORA_TARGETS) and all(v.abs().sum() > 0 for v in b_mats)
+
+
+def test_behaviour_judges_benign_answers_against_the_teachers(model_dirs, monkeypatch):
+    seen: list[list[str]] = []
+
+    def fake(reference, prompts, max_new_tokens, **_):
+        seen.append(list(prompts))
+        return [(text, True) for text in answers]
+
+    monkeypatch.setattr(pairs, "teacher_answers", fake)
+    answers = ["zymurgical xenophobic quokkas"] * 3  # words no tiny model writes
+    table = pairs.behaviour({"a": model_dirs["llama"]}, n_eval=3, max_new_tokens=3, reference="t")
+    assert seen == [cna_lens.evaluation.prompts.prompts("eval_benign")[:3]]
+    assert table.at[0, "on_topic_benign"] == 0.0
+    answers = ["the of and"] * 3  # no content words: any non-empty answer is on topic
+    table = pairs.behaviour({"a": model_dirs["llama"]}, n_eval=3, max_new_tokens=3, reference="t")
+    assert table.at[0, "on_topic_benign"] == 1.0

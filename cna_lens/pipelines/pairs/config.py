@@ -224,9 +224,12 @@ PAIRS: Registry[Pair] = Registry(
                 "this project's supervised instruction fine-tune of it, with refusals "
                 "(LoRA of all 18 layers shipped; all weights with --variant full)",
                 train=FinetuneConfig(rank=16, alpha=32, learning_rate=1e-3, epochs=2),
-                full=FinetuneConfig(variant="full", learning_rate=5e-5, epochs=2),
+                full=FinetuneConfig(variant="full", learning_rate=5e-5, epochs=2, threads=1),
                 teacher="qwen2.5-coder-0.5b-instruct",
                 chat=GEMMA_CHAT,
+                # the 262k-token head makes each generated token ~2x the 135M pair's: m = 3
+                # goes, m = 2 (the paper's amplification on borderline) stays
+                reproduce=(("multipliers", (0.0, 1.0, 2.0)),),
             ),
         )
     ],

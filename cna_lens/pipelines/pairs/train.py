@@ -230,6 +230,7 @@ def _save(model: Any, tokenizer: Any, cfg: FinetuneConfig, out: Path, base_name:
         return out / "model.safetensors"
     _clean_adapter_config(out / "adapter_config.json", base_name)
     (out / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+    (out / ADAPTER_FILE).chmod(0o644)  # shipped package data: readable by every user
     return out / ADAPTER_FILE
 
 
