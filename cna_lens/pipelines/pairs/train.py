@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -261,7 +262,9 @@ def merge_adapter(
     model, tokenizer = load_hf(base, chat)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
+    # one temporary folder per process: two runs merging the same pair at once never
+    # write into each other's files
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     merged.save_pretrained(tmp, safe_serialization=True)
